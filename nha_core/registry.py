@@ -56,20 +56,22 @@ class Backend:
     max_slots: int = 256                # limit on M
     features: frozenset = ALL_FEATURES  # subset of ALL_FEATURES
     array_kind: str = "numpy"           # native arrays the entry points take: numpy | torch | cupy
+    auto_devices: tuple | None = None   # device types `auto` may pick it for (None: all it runs on)
 
     def availability(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
         return None
 
     def devices_here(self) -> tuple:
-        """Device types this backend can run on in this process (may depend on environment)."""
+        """Device types this backend can run on in this process; must not import a framework."""
         return self.devices
 
     def not_supported_reasons(self, p: Problem) -> list[str]:
-        """Every reason this backend refuses ``p``, in plain words; empty when it accepts."""
-        why = self.availability()
-        if why:
-            return [why]
+        """Every reason this backend refuses ``p``, in plain words; empty when it accepts.
+
+        The table is read first, so refusing a CPU call costs a GPU backend no import of its
+        framework; only a call the table accepts asks :meth:`availability`.
+        """
         reasons = []
         if p.device_type not in self.devices_here():
             reasons.append(f"device {p.device} not in {list(self.devices_here())}")
@@ -82,6 +84,10 @@ class Backend:
         missing = sorted(p.features - self.features)
         if missing:
             reasons.append(f"does not support {', '.join(missing)}")
+        if not reasons:
+            why = self.availability()
+            if why:
+                reasons.append(why)
         return reasons
 
     # Kernel entry points; see the module docstring for shapes.
@@ -167,6 +173,9 @@ def select(p: Problem, backend: str = "auto") -> Backend:
         return chosen
     refusals = []
     for candidate in all_backends().values():
+        if candidate.auto_devices is not None and p.device_type not in candidate.auto_devices:
+            refusals.append(f"{candidate.name}: runs on {p.device_type} only when named (not picked by auto)")
+            continue
         reasons = candidate.not_supported_reasons(p)
         if not reasons:
             return candidate
