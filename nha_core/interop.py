@@ -53,7 +53,11 @@ def dtype_name(x, kind: str) -> str:
 
 def to_native(x, target: str, kind: str):
     """View ``x`` as the backend's array type (``numpy``, ``torch`` or ``cupy``) without copying."""
-    if x is None or kind == target:
+    if x is None:
+        return x
+    if kind == "torch":
+        x = x.detach()  # the plain API is not differentiable; nha_core.torch adds autograd
+    if kind == target:
         return x
     if target == "numpy":
         return np.from_dlpack(x)

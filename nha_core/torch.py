@@ -63,12 +63,11 @@ def _setup_context(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, g, s, q_slot, k_slot, cu_seqlens, o, lse)
     ctx.options = (window_size, scale, backend)
+    ctx.mark_non_differentiable(lse)  # lse is for merging / checking, not a training target
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, do, dlse):
-    if dlse is not None:
-        raise NotImplementedError("nha_core.torch: gradients through lse are not supported; use o only")
+def _backward(ctx, do, _dlse):
     q, k, v, g, s, q_slot, k_slot, cu_seqlens, o, lse = ctx.saved_tensors
     if do is None:
         return (None,) * 11

@@ -123,7 +123,13 @@ def test_backward_matches_reference(backend, dtype, case):
         if ref[name] is None:
             assert got is None, (name, case.id)
             continue
-        assert rel_err(to_host(got), ref[name]) <= tol, (name, case.id)
+        if case.big_logits:
+            # Saturated softmax: gradients shrink like exp(-gap) and only the absolute error on
+            # the scale of do is meaningful.
+            err = np.linalg.norm(to_host(got) - ref[name])
+            assert err <= tol * (np.linalg.norm(ref[name]) + 1e-6 * np.linalg.norm(do)), (name, case.id)
+        else:
+            assert rel_err(to_host(got), ref[name]) <= tol, (name, case.id)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
