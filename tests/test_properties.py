@@ -123,13 +123,13 @@ def test_backward_matches_reference(backend, dtype, case):
         if ref[name] is None:
             assert got is None, (name, case.id)
             continue
-        if case.big_logits:
-            # Saturated softmax: gradients shrink like exp(-gap) and only the absolute error on
-            # the scale of do is meaningful.
-            err = np.linalg.norm(to_host(got) - ref[name])
-            assert err <= tol * (np.linalg.norm(ref[name]) + 1e-6 * np.linalg.norm(do)), (name, case.id)
-        else:
-            assert rel_err(to_host(got), ref[name]) <= tol, (name, case.id)
+        # Relative error with a floor of 1e-3 * ||do|| * (term scale): a gradient that cancels to
+        # ~0 (a single logit, a saturated softmax) carries only the rounding noise of its terms,
+        # and big_logits cases multiply q and k, hence every term, by 30 * 30.
+        floor = 1e-3 * np.linalg.norm(do) * (900.0 if case.big_logits else 1.0)
+        err = np.linalg.norm(to_host(got) - ref[name])
+        assert np.isfinite(to_host(got)).all(), (name, case.id)
+        assert err <= tol * (np.linalg.norm(ref[name]) + floor), (name, case.id, err)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

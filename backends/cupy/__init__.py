@@ -1,0 +1,83 @@
+"""CuPy backend: NHA as raw CUDA C++ kernels (forward.cu, backward.cu, decode.cu) built by NVRTC
+through ``cupy.RawModule``. Native arrays are CuPy arrays; bfloat16 data comes as a uint16 array.
+
+Kernel files are plain CUDA C++ (``extern "C" __global__``, no host headers), so ``nvcc -arch=sm_90
+-c forward.cu`` compiles them too (tests/test_cuda_compile.py does). Compile-time knobs (element
+type, BT, RMAX) are passed as ``-D`` options; each variant is built once per process.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+from nha_core.registry import Backend
+
+from . import configs
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class CupyBackend(Backend):
+    name = configs.NAME
+    priority = configs.PRIORITY
+    devices = configs.DEVICES
+    dtypes = configs.DTYPES
+    max_head_dim = configs.MAX_HEAD_DIM
+    max_slots = configs.MAX_SLOTS
+    features = configs.FEATURES
+    array_kind = "cupy"
+
+    def availability(self):
+        try:
+            import cupy
+        except Exception:
+            return "cupy: not installed"
+        try:
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                return "cupy: no CUDA device"
+        except Exception:
+            return "cupy: no CUDA device"
+        return None
+
+    def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
+        from .forward import forward
+
+        return forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
+
+    def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
+        from .backward import backward
+
+        return backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
+
+    def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
+        from .decode import decode
+
+        return decode(p, q, k, v, g, s, q_slot, k_slot, state)
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(filename: str, in_type: str, cache_type: str, BT: int, RMAX: int):
+    """The ``cupy.RawModule`` of ``filename`` built for one variant (cached per process)."""
+    import cupy
+
+    with open(os.path.join(_HERE, filename)) as f:
+        code = f.read()
+    options = ["-std=c++17", f"-I{_HERE}", f"-DIN_T={in_type}", f"-DCACHE_T={cache_type}",
+               f"-DBT={BT}", f"-DRMAX={RMAX}"]
+    cuda_path = cupy.cuda.get_cuda_path()  # cuda_bf16.h / cuda_fp16.h for NVRTC, when a toolkit is there
+    if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
+        options.append(f"-I{os.path.join(cuda_path, 'include')}")
+    return cupy.RawModule(code=code, options=tuple(options))
+
+
+def launch(module, name: str, grid, args, smem_bytes: int = 0) -> None:
+    """Launch ``name`` with NT threads; grids with a zero dimension are skipped (nothing to do)."""
+    if min(grid) <= 0:
+        return
+    fn = module.get_function(name)
+    if smem_bytes > 48 * 1024:  # above the default limit the kernel must opt in
+        fn.max_dynamic_shared_size_bytes = smem_bytes
+    fn(tuple(grid), (configs.NT,), tuple(args), shared_mem=smem_bytes)
+
+
+BACKEND = CupyBackend()

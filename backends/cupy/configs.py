@@ -1,0 +1,65 @@
+"""Capability table and tile sizes of the CuPy backend (raw CUDA C++ kernels via cupy.RawModule).
+
+Tile names match the Triton backend: ``BT`` tokens per chunk (= queries per block; the slot
+recurrence is chunked on the same grid), ``BS`` keys per window tile, ``BK`` / ``BV`` / ``BM``
+key rows / value columns / slot columns handled per pass of the slot recurrence. In the kernels
+``BM = BK = BV = NT / LANES`` (32): ``LANES`` lanes of a warp share one state column, so the
+reduction along it is three warp shuffles and needs no barrier.
+"""
+from nha_core.registry import ALL_FEATURES
+
+NAME = "cupy"
+PRIORITY = 20  # after triton (its tensor-core kernels are faster), before numpy (CPU only)
+DEVICES = ("cuda",)
+# bfloat16 arrives as a uint16 CuPy array (CuPy has no bf16 dtype); the kernels read __nv_bfloat16.
+DTYPES = ("float16", "bfloat16", "float32")
+MAX_HEAD_DIM = 256  # one state row / column lives in RMAX = 256 / LANES = 32 registers per thread;
+                    # decode keeps one value column per thread (V <= NT)
+MAX_SLOTS = 256     # same register bound for a row of Hk / a column of Hv; decode's L_s[256]
+FEATURES = ALL_FEATURES
+
+NT = 256     # threads per block (kernels: #define NT 256)
+LANES = 8    # lanes sharing one state column (kernels: #define LANES 8)
+BM = BK = BV = NT // LANES
+
+# H100 / H200 allow up to 227 KiB of dynamic shared memory per block (opt-in above 48 KiB).
+SMEM_LIMIT = 227 * 1024
+BT_CHOICES = (64, 32, 16)  # largest first: fewer chunk states and fewer window-tile reloads
+
+# IN_T of the kernels for each problem dtype, and the CuPy dtype that carries it.
+CUDA_TYPE = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+ARRAY_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+
+
+def rmax(p) -> int:
+    """Registers per thread for one state row/column: ceil(max(K, V, M) / LANES), rounded up to a
+    power of two so only six kernel variants exist; 32 at the 256 limit (ptxas: no spills at 8)."""
+    need = max(1, -(-max(p.K, p.V, p.M) // LANES))
+    r = 1
+    while r < need:
+        r *= 2
+    return r
+
+
+def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
+    """Dynamic shared memory (in floats) of each kernel; layouts are listed in the .cu files."""
+    BS = BT
+    if kernel == "fwd_main":
+        return 3 * BT * M + BT * K + BS * (K + V) + BT * BS + BT * V + 3 * BT
+    if kernel == "bwd_q":
+        return 4 * BT * M + 2 * BT * K + BS * (K + V) + BT * V + BT * BS + 2 * BT
+    if kernel == "bwd_slot_kv":
+        return 4 * BT * M + BT * (K + V)
+    if kernel == "bwd_window_kv":
+        return 3 * BT * (K + V) + 2 * BT * BT + 2 * BT
+    raise ValueError(kernel)
+
+
+def pick_bt(p) -> int:
+    """Largest chunk that fits shared memory for every block kernel of ``p.mode``: the forward keeps
+    alpha, s and logits of BT rows ([BT, M] each) plus the q, key, value and output tiles."""
+    kernels = ("fwd_main",) if p.mode == "forward" else ("bwd_q", "bwd_slot_kv", "bwd_window_kv")
+    for BT in BT_CHOICES:
+        if all(4 * smem_floats(name, BT, p.K, p.V, p.M) <= SMEM_LIMIT for name in kernels):
+            return BT
+    raise NotImplementedError(f"cupy: no chunk size fits shared memory for K={p.K} V={p.V} M={p.M}")

@@ -1,0 +1,89 @@
+"""CuPy forward launcher: chunk states, then the main kernel (see forward.cu).
+
+    q [B,T,HQ,K] k [B,T,H,K] v [B,T,H,V] g, s [B,T,H,M] q_slot / k_slot or None, hk0 [N,H,K,M] /
+    hv0 [N,H,M,V] float32 or None  ->  o [B,T,HQ,V] (input dtype), lse [B,HQ,T] float32,
+    hk, hv (final state, float32) or None
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import configs, kernels, launch
+
+NULL = np.uint64(0)  # a null pointer argument
+
+
+def c(x):
+    """Kernels index dense row-major arrays; strided views are copied once here."""
+    import cupy
+
+    return cupy.ascontiguousarray(x)
+
+
+def chunk_table(p, cu_seqlens, BT: int):
+    """Sequences and chunks on the flattened row axis r = b*T + t.
+
+    bos [N+1] int64: rows of sequence n are bos[n] .. bos[n+1]-1. seq_chunk0 [N+1] int32: chunks of
+    sequence n are seq_chunk0[n] .. seq_chunk0[n+1]-1. chunk_n [NC] int32, chunk_t0 [NC] int64:
+    sequence and first row of each chunk. Built on the host (cu_seqlens is N+1 numbers).
+    """
+    import cupy
+
+    if cu_seqlens is not None:
+        bos = cupy.asnumpy(cu_seqlens).astype(np.int64)
+    else:
+        bos = np.arange(p.B + 1, dtype=np.int64) * p.T
+    lengths = np.diff(bos)
+    counts = -(-lengths // BT)
+    seq_chunk0 = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    chunk_n = np.repeat(np.arange(len(lengths), dtype=np.int32), counts)
+    chunk_t0 = (bos[chunk_n] + (np.arange(len(chunk_n)) - seq_chunk0[chunk_n]) * BT).astype(np.int64)
+    NC = int(seq_chunk0[-1])
+    return (cupy.asarray(bos), cupy.asarray(seq_chunk0), cupy.asarray(chunk_n),
+            cupy.asarray(chunk_t0), NC, len(lengths))
+
+
+def chunk_states(p, mod, table, BT, k_slot, v, g, s, hk0, hv0, want_final):
+    """hk_chunks [NC,H,K,M], hv_chunks [NC,H,M,V]: slot state before each chunk (shifted rows);
+    plus the final state [N,H,K,M] / [N,H,M,V] when ``want_final``."""
+    import cupy
+
+    bos, seq_chunk0, _, _, NC, N = table
+    H, K, V, M = p.H, p.K, p.V, p.M
+    hk_chunks = cupy.empty((NC, H, K, M), dtype=cupy.float32)
+    hv_chunks = cupy.empty((NC, H, M, V), dtype=cupy.float32)
+    hk = hv = None
+    if want_final:
+        hk = cupy.empty((N, H, K, M), dtype=cupy.float32)
+        hv = cupy.empty((N, H, M, V), dtype=cupy.float32)
+    E = K * M + M * V
+    launch(mod, "nha_fwd_chunk_state", (-(-E // configs.NT), N * H), (
+        k_slot, v, g, s,
+        c(hk0) if hk0 is not None else NULL, c(hv0) if hv0 is not None else NULL,
+        bos, seq_chunk0, hk_chunks, hv_chunks,
+        hk if hk is not None else NULL, hv if hv is not None else NULL,
+        np.int32(H), np.int32(K), np.int32(V), np.int32(M), np.int32(p.W)))
+    return hk_chunks, hv_chunks, hk, hv
+
+
+def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
+    import cupy
+
+    BT, RMAX = configs.pick_bt(p), configs.rmax(p)
+    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT, RMAX)
+    q, k, v, g, s = c(q), c(k), c(v), c(g), c(s)
+    q_slot = q if q_slot is None else c(q_slot)
+    k_slot = k if k_slot is None else c(k_slot)
+    table = chunk_table(p, cu_seqlens, BT)
+    bos, _, chunk_n, chunk_t0, NC, N = table
+
+    o = cupy.empty((p.B, p.T, p.HQ, p.V), dtype=configs.ARRAY_DTYPE[p.dtype])
+    lse = cupy.empty((p.B, p.HQ, p.T), dtype=cupy.float32)
+    hk_chunks, hv_chunks, hk, hv = chunk_states(
+        p, mod, table, BT, k_slot, v, g, s, hk0, hv0, p.output_final_state)
+    smem = 4 * configs.smem_floats("fwd_main", BT, p.K, p.V, p.M)
+    launch(mod, "nha_fwd_main", (NC, p.HQ), (
+        q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos, chunk_n, chunk_t0, o, lse,
+        np.int32(p.T), np.int32(p.HQ), np.int32(p.H), np.int32(p.K), np.int32(p.V),
+        np.int32(p.M), np.int32(p.W), np.float32(p.scale)), smem)
+    return o, lse, hk, hv

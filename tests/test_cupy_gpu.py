@@ -1,0 +1,195 @@
+"""CuPy backend against the fp64 oracle (needs a CUDA GPU and cupy: `pytest -m gpu`).
+
+Inputs are rounded to the tested dtype first and the oracle runs on the rounded values, so the
+bounds (relative L2 error; SPEC section 5: fp32 <= 1e-3, fp16/bf16 <= 2e-2 on GPU) measure the
+kernels' arithmetic only.
+"""
+import numpy as np
+import pytest
+
+from nha_core.problem import Problem
+from nha_core.state import NHAState
+from nha_core import reference
+
+pytestmark = pytest.mark.gpu
+
+cupy = pytest.importorskip("cupy", reason="cupy: not installed")
+try:
+    _N_DEV = cupy.cuda.runtime.getDeviceCount()
+except Exception:  # no driver
+    _N_DEV = 0
+if _N_DEV < 1:
+    pytest.skip("cupy: no CUDA device", allow_module_level=True)
+
+from nha_core.backends.cupy import BACKEND  # noqa: E402
+
+TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
+
+
+def round_to(x, dtype):
+    """float64 -> values exactly representable in dtype (bf16: round to nearest even)."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "float32":
+        return x.astype(np.float32).astype(np.float64)
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float64)
+    b = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+    return b.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def to_dev(x, dtype):
+    """Host float64 (already rounded) -> CuPy array of the kernel dtype (bf16 as uint16 bits)."""
+    if x is None:
+        return None
+    if dtype == "bfloat16":
+        bits = (np.asarray(x, dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return cupy.asarray(bits)
+    return cupy.asarray(np.asarray(x, dtype=dtype))
+
+
+def to_host(x, dtype):
+    x = cupy.asnumpy(x)
+    if dtype == "bfloat16" and x.dtype == np.uint16:
+        return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return x.astype(np.float64)
+
+
+def rel(out, ref):
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all(), "non-finite values"
+    if ref.size == 0:
+        return 0.0
+    den = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (den if den > 0 else 1.0))
+
+
+CASES = {
+    # id: B, T, HQ, H, K, V, M, W, options
+    "B2-T63-HQ4-H2-K20-V24-M8-W16": (2, 63, 4, 2, 20, 24, 8, 16, {}),
+    "B1-T1-HQ2-H2-K16-V16-M4-W4": (1, 1, 2, 2, 16, 16, 4, 4, {}),
+    "B2-T10-HQ2-H1-K8-V12-M5-W32-TltW": (2, 10, 2, 1, 8, 12, 5, 32, {}),
+    "B1-T70-HQ2-H2-K16-V8-M6-W0": (1, 70, 2, 2, 16, 8, 6, 0, {}),
+    "B1-T40-HQ2-H2-K16-V16-M4-W40-WgeT": (1, 40, 2, 2, 16, 16, 4, 40, {}),
+    "B1-T40-HQ2-H2-K16-V16-M0-W100-M0": (1, 40, 2, 2, 16, 16, 0, 100, {}),
+    "B1-T50-HQ3-H3-K12-V12-M0-W7-M0": (1, 50, 3, 3, 12, 12, 0, 7, {}),
+    "B1-T80-HQ2-H2-K16-V16-M8-W1": (1, 80, 2, 2, 16, 16, 8, 1, {}),
+    "B1-T70-HQ4-H2-K24-V16-M8-W7-varlen-init": (1, 70, 4, 2, 24, 16, 8, 7, {"cu": [0, 5, 5, 37, 70], "init": True}),
+    "B2-T90-HQ2-H2-K16-V16-M8-W5-ninf": (2, 90, 2, 2, 16, 16, 8, 5, {"ninf": True}),
+    "B2-T90-HQ4-H1-K16-V16-M8-W9-slots-init": (2, 90, 4, 1, 16, 16, 8, 9, {"slots": True, "init": True}),
+    "B1-T100-HQ2-H2-K128-V128-M64-W24": (1, 100, 2, 2, 128, 128, 64, 24, {}),
+    "B1-T40-HQ1-H1-K256-V256-M256-W16": (1, 40, 1, 1, 256, 256, 256, 16, {"init": True}),
+}
+
+
+def make(case, dtype, seed=0):
+    B, T, HQ, H, K, V, M, W, opt = case
+    rng = np.random.default_rng(seed)
+    r = lambda *shape: round_to(rng.standard_normal(shape), dtype)  # noqa: E731
+    x = {"q": r(B, T, HQ, K), "k": r(B, T, H, K), "v": r(B, T, H, V)}
+    g = -rng.uniform(0.02, 1.5, (B, T, H, M))
+    if opt.get("ninf"):
+        g[rng.random(g.shape) < 0.1] = -np.inf
+    x["g"] = round_to(g, dtype)
+    x["s"] = round_to(-np.expm1(x["g"]), dtype)
+    x["q_slot"] = r(B, T, HQ, K) if opt.get("slots") else None
+    x["k_slot"] = r(B, T, H, K) if opt.get("slots") else None
+    cu = opt.get("cu")
+    N = len(cu) - 1 if cu else B
+    x["hk0"] = 0.3 * rng.standard_normal((N, H, K, M)) if opt.get("init") else None
+    x["hv0"] = 0.3 * rng.standard_normal((N, H, M, V)) if opt.get("init") else None
+    x["cu"] = None if cu is None else np.asarray(cu, dtype=np.int64)
+    p = Problem(mode="forward", B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype,
+                device="cuda:0", array_kind="cupy", scale=K ** -0.5, has_s=True,
+                has_q_slot=x["q_slot"] is not None, has_k_slot=x["k_slot"] is not None,
+                has_initial_state=x["hk0"] is not None, output_final_state=True, return_lse=True,
+                varlen=cu is not None)
+    return p, x
+
+
+def ref_kwargs(p, x):
+    return dict(window_size=p.W, s=x["s"], q_slot=x["q_slot"], k_slot=x["k_slot"], scale=p.scale,
+                hk0=x["hk0"], hv0=x["hv0"], cu_seqlens=x["cu"])
+
+
+def dev_args(p, x):
+    d = lambda a: to_dev(a, p.dtype)  # noqa: E731
+    f = lambda a: None if a is None else cupy.asarray(a, dtype=cupy.float32)  # noqa: E731
+    cu = None if x["cu"] is None else cupy.asarray(x["cu"])
+    return (d(x["q"]), d(x["k"]), d(x["v"]), d(x["g"]), d(x["s"]), d(x["q_slot"]), d(x["k_slot"]),
+            f(x["hk0"]), f(x["hv0"]), cu)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward(name, dtype):
+    p, x = make(CASES[name], dtype)
+    o, lse, hk, hv = BACKEND.forward(p, *dev_args(p, x))
+    o_r, lse_r, hk_r, hv_r = reference.forward(x["q"], x["k"], x["v"], x["g"], **ref_kwargs(p, x))
+    tol = TOL[dtype]
+    assert rel(to_host(o, dtype), o_r) <= tol
+    assert rel(cupy.asnumpy(lse), lse_r) <= tol
+    assert rel(cupy.asnumpy(hk), hk_r) <= tol
+    assert rel(cupy.asnumpy(hv), hv_r) <= tol
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward(name, dtype):
+    p, x = make(CASES[name], dtype)
+    p = Problem(**{**p.__dict__, "mode": "backward", "output_final_state": False})
+    args = dev_args(p, x)
+    o, lse, _, _ = BACKEND.forward(p, *args)
+    rng = np.random.default_rng(1)
+    do = round_to(rng.standard_normal(o.shape), dtype)
+    q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu = args
+    grads = BACKEND.backward(p, to_dev(do, dtype), q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu)
+    names = ("dq", "dk", "dv", "dg", "ds", "dq_slot", "dk_slot", "dhk0", "dhv0")
+    ref = reference.backward(do, x["q"], x["k"], x["v"], x["g"], **ref_kwargs(p, x))
+    for key, out in zip(names, grads):
+        if ref[key] is None:
+            assert out is None, key
+            continue
+        assert out is not None, key
+        err = rel(to_host(out, dtype), ref[key])
+        assert err <= TOL[dtype], f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("name", ["B2-T63-HQ4-H2-K20-V24-M8-W16", "B1-T70-HQ2-H2-K16-V8-M6-W0",
+                                  "B2-T10-HQ2-H1-K8-V12-M5-W32-TltW", "B1-T50-HQ3-H3-K12-V12-M0-W7-M0",
+                                  "B2-T90-HQ4-H1-K16-V16-M8-W9-slots-init"])
+def test_decode(name, dtype):
+    """Prefill with the oracle, then 5 decode steps on the GPU against reference.decode_step."""
+    p, x = make(CASES[name], dtype)
+    _, _, hk, hv = reference.forward(x["q"], x["k"], x["v"], x["g"], **ref_kwargs(p, x))
+    st = reference.state_from_prefill(x["k"], x["v"], x["g"], hk, hv, window_size=p.W, s=None,
+                                      k_slot=x["k_slot"], cu_seqlens=x["cu"])
+    N = hk.shape[0]
+    d = lambda a: to_dev(a, dtype)  # noqa: E731
+    state = NHAState(hk=cupy.asarray(st["hk"], dtype=cupy.float32), hv=cupy.asarray(st["hv"], dtype=cupy.float32),
+                     k_cache=d(st["k_cache"]), v_cache=d(st["v_cache"]), g_cache=d(st["g_cache"]),
+                     seen=cupy.asarray(st["seen"]), window_size=p.W,
+                     k_slot_cache=d(st["k_slot_cache"]))
+    st["hk"] = cupy.asnumpy(state.hk).astype(np.float64)  # the oracle continues from the same fp32 state
+    st["hv"] = cupy.asnumpy(state.hv).astype(np.float64)
+    pd = Problem(**{**p.__dict__, "mode": "decode", "B": N, "T": 1, "N": N, "varlen": False,
+                    "has_initial_state": True, "output_final_state": False})
+    rng = np.random.default_rng(2)
+    for step in range(5):
+        r = lambda *shape: round_to(rng.standard_normal(shape), dtype)  # noqa: E731
+        q, k, v = r(N, p.HQ, p.K), r(N, p.H, p.K), r(N, p.H, p.V)
+        g = round_to(-rng.uniform(0.02, 1.5, (N, p.H, p.M)), dtype)
+        s = round_to(-np.expm1(g), dtype)
+        q_slot = r(N, p.HQ, p.K) if x["q_slot"] is not None else None
+        k_slot = r(N, p.H, p.K) if x["k_slot"] is not None else None
+        o, lse = BACKEND.decode(pd, d(q), d(k), d(v), d(g), d(s), d(q_slot), d(k_slot), state)
+        o_r, lse_r, st = reference.decode_step(q, k, v, g, st, s=s, q_slot=q_slot, k_slot=k_slot, scale=p.scale)
+        assert rel(to_host(o, dtype), o_r) <= TOL[dtype], f"step {step}: o"
+        assert rel(cupy.asnumpy(lse), lse_r) <= TOL[dtype], f"step {step}: lse"
+        assert rel(cupy.asnumpy(state.hk), st["hk"]) <= TOL[dtype], f"step {step}: hk"
+        assert (cupy.asnumpy(state.seen) == st["seen"]).all()
+
+
+def test_availability_reason():
+    assert BACKEND.availability() is None
