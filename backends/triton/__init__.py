@@ -1,0 +1,62 @@
+"""Triton backend: fused chunked NHA kernels for CUDA GPUs (float16, bfloat16, float32).
+
+Native arrays are torch tensors. Under ``TRITON_INTERPRET=1`` the same kernels also run on CPU
+tensors through Triton's interpreter (slow; used by CI, which has no GPU). Torch and Triton are
+imported only when a method needs them, so ``import nha_core`` stays NumPy-only.
+"""
+import importlib.util
+import os
+
+from nha_core.registry import Backend
+
+from . import configs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class TritonBackend(Backend):
+    name = configs.NAME
+    priority = configs.PRIORITY
+    devices = configs.DEVICES
+    dtypes = configs.DTYPES
+    max_head_dim = configs.MAX_HEAD_DIM
+    max_slots = configs.MAX_SLOTS
+    features = configs.FEATURES
+    array_kind = "torch"
+    auto_devices = ("cuda",)  # on the CPU only when named: the interpreter is for testing
+
+    def devices_here(self):
+        # No torch import here: the registry reads this to refuse CPU calls cheaply.
+        return ("cuda", "cpu") if _interpreting() else ("cuda",)
+
+    def availability(self):
+        for module in ("torch", "triton"):
+            if importlib.util.find_spec(module) is None:
+                return f"{self.name}: {module} is not installed"
+        if _interpreting():
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            return f"{self.name}: no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1"
+        return None
+
+    def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
+        from .forward import forward
+
+        return forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
+
+    def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
+        from .backward import backward
+
+        return backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
+
+    def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
+        from .decode import decode
+
+        return decode(p, q, k, v, g, s, q_slot, k_slot, state)
+
+
+BACKEND = TritonBackend()

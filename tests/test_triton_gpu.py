@@ -1,0 +1,153 @@
+"""Compiled Triton kernels on a CUDA GPU against the fp64 oracle (SPEC §5: float32 <= 1e-3,
+float16/bfloat16 <= 2e-2). Run on an H100/H200 with ``pytest -m gpu tests/test_triton_gpu.py``.
+
+Shapes are larger than the interpreter tests: several 64-row chunks, window blocks of 64,
+K = V = 64 and 128 (and odd 80), M up to 128, GQA, varlen, resets. The oracle is a token loop in
+NumPy, so T stays in the hundreds.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: kernels would not be compiled"),
+]
+
+import nha_core.reference as ref  # noqa: E402
+from nha_core.problem import Problem  # noqa: E402
+from nha_core.state import NHAState  # noqa: E402
+
+TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def rel(out, want):
+    out = out.detach().to("cpu", torch.float64).numpy()
+    want = np.asarray(want, dtype=np.float64)
+    assert out.shape == want.shape
+    fin = np.isfinite(want)
+    assert np.isfinite(out[fin]).all()
+    assert (out[~fin] == want[~fin]).all()
+    norm = np.linalg.norm(want[fin])
+    return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
+
+
+def make(seed, B, T, HQ, H, K, V, M, W, dtype, *, explicit=False, initial=False, seqlens=None, hard=False):
+    r = np.random.default_rng(seed)
+    x = {"q": r.standard_normal((B, T, HQ, K)), "k": r.standard_normal((B, T, H, K)),
+         "v": r.standard_normal((B, T, H, V)),
+         "g": np.log(1 / (1 + np.exp(-r.standard_normal((B, T, H, M))))) / 4}   # logsigmoid / 4
+    if hard and M:
+        x["g"][:, ::37, :, : M // 2] = -np.inf
+        x["g"][:, 5::41] *= 200.0
+    x["s"] = r.random((B, T, H, M)) if explicit else None
+    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
+    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
+    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
+    N = B if cu is None else len(cu) - 1
+    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
+    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
+    x["cu"] = cu
+    p = Problem(mode="forward", B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype,
+                device="cuda:0", array_kind="torch", scale=K ** -0.5, has_s=explicit,
+                has_q_slot=explicit, has_k_slot=explicit, has_initial_state=initial,
+                output_final_state=True, varlen=cu is not None)
+    return p, x
+
+
+def native(p, x):
+    dt = TORCH_DTYPE[p.dtype]
+    out = {}
+    for name, a in x.items():
+        if a is None:
+            out[name] = None
+        elif name == "cu":
+            out[name] = torch.from_numpy(a).cuda()
+        else:
+            out[name] = torch.from_numpy(a).cuda().to(torch.float32 if name in ("hk0", "hv0") else dt)
+    out["s"] = torch.from_numpy(-np.expm1(x["g"]) if x["s"] is None else x["s"]).cuda().to(dt)
+    return out
+
+
+CASES = [
+    dict(B=2, T=300, HQ=4, H=2, K=64, V=64, M=64, W=100),
+    dict(B=1, T=257, HQ=2, H=2, K=128, V=128, M=32, W=64, explicit=True, initial=True),
+    dict(B=1, T=200, HQ=2, H=1, K=80, V=48, M=128, W=0),
+    dict(B=1, T=190, HQ=2, H=1, K=64, V=64, M=0, W=70),
+    dict(B=1, T=260, HQ=4, H=1, K=64, V=64, M=16, W=33, seqlens=(100, 0, 1, 159), explicit=True, initial=True),
+    dict(B=1, T=200, HQ=2, H=1, K=64, V=64, M=24, W=10, hard=True),
+    dict(B=1, T=150, HQ=2, H=2, K=256, V=256, M=16, W=500),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_forward_backward_gpu(case, dtype):
+    from nha_core.backends.triton.backward import backward
+    from nha_core.backends.triton.forward import forward
+
+    p, x = make(11, **case, dtype=dtype)
+    tol = TOL[dtype]
+    n = native(p, x)
+    args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
+    o, lse, hk, hv = forward(p, *args)
+    ro, rlse, rhk, rhv = ref.forward(x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
+                                     q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"],
+                                     hv0=x["hv0"], cu_seqlens=x["cu"])
+    for name, a, b in (("o", o, ro), ("lse", lse, rlse), ("hk", hk, rhk), ("hv", hv, rhv)):
+        assert rel(a, b) <= tol, (name, rel(a, b))
+    do = np.random.default_rng(3).standard_normal(o.shape)
+    grads = backward(p, torch.from_numpy(do).cuda().to(o.dtype), n["q"], n["k"], n["v"], n["g"], n["s"],
+                     n["q_slot"], n["k_slot"], o, lse, n["hk0"], n["hv0"], n["cu"])
+    dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = grads
+    want = ref.backward(do, x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
+                        q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
+                        cu_seqlens=x["cu"])
+    dg = dg.double()
+    if x["s"] is None:
+        dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"])).cuda()
+    else:
+        assert rel(ds, want["ds"]) <= tol, ("ds", rel(ds, want["ds"]))
+    got = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dq_slot": dq_slot, "dk_slot": dk_slot,
+           "dhk0": dhk0, "dhv0": dhv0}
+    for name, a in got.items():
+        assert (a is None) == (want[name] is None), name
+        if a is not None:
+            assert rel(a, want[name]) <= tol, (name, rel(a, want[name]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("W,M,G", [(64, 64, 4), (0, 32, 1), (100, 0, 2)])
+def test_decode_gpu(W, M, G, dtype):
+    from nha_core.backends.triton.decode import decode
+
+    N, H, K, V, T, steps = 4, 2, 128, 128, 150, 5
+    p, x = make(12, N, T + steps, G * H, H, K, V, M, W, dtype, explicit=True)
+    dt = TORCH_DTYPE[dtype]
+    pre = {n: (None if a is None or n == "cu" else a[:, :T]) for n, a in x.items()}
+    _, _, hk, hv = ref.forward(pre["q"], pre["k"], pre["v"], pre["g"], window_size=W, s=pre["s"],
+                               q_slot=pre["q_slot"], k_slot=pre["k_slot"])
+    want = ref.state_from_prefill(pre["k"], pre["v"], pre["g"], hk, hv, window_size=W, s=pre["s"],
+                                  k_slot=pre["k_slot"])
+    kinds = {"seen": torch.int64, "hk": torch.float32, "hv": torch.float32}
+    state = NHAState(**{name: (a if name == "window_size" or a is None else
+                               torch.from_numpy(np.array(a)).cuda().to(kinds.get(name, dt)))
+                        for name, a in want.items()})
+    dp = Problem(**{**p.__dict__, "mode": "decode", "B": N, "T": 1})
+    cu = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).cuda().to(dt)
+    for i in range(T, T + steps):
+        step = {n: (None if a is None or n == "cu" else a[:, i]) for n, a in x.items()}
+        o, lse = decode(dp, cu(step["q"]), cu(step["k"]), cu(step["v"]), cu(step["g"]), cu(step["s"]),
+                        cu(step["q_slot"]), cu(step["k_slot"]), state)
+        ro, rlse, want = ref.decode_step(step["q"], step["k"], step["v"], step["g"], want, s=step["s"],
+                                         q_slot=step["q_slot"], k_slot=step["k_slot"])
+        assert rel(o, ro) <= TOL[dtype] and rel(lse, rlse) <= TOL[dtype]
+    for name in ("hk", "hv"):
+        assert rel(getattr(state, name), want[name]) <= TOL[dtype], name

@@ -1,0 +1,215 @@
+"""Triton backend kernels under the Triton interpreter (CPU tensors) against the fp64 oracle.
+
+CI has no GPU, so ``TRITON_INTERPRET=1`` is set before the kernel modules are imported: their
+``@triton.jit`` functions then run as NumPy on CPU tensors. The variable is restored right after
+the import, so other test modules (which may dispatch with ``backend="auto"``) do not see it.
+With a CUDA device present this module skips: ``tests/test_triton_gpu.py`` runs the compiled
+kernels there, and interpreted kernels in the same process would shadow them.
+
+Small tiles (BT = BS = 16) make a T of ~40 span several chunks and window blocks, so the
+chunk-state passes, the band walk and the varlen block map are all exercised while the file
+stays within a few minutes on two cores.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+if torch.cuda.is_available():
+    pytest.skip("CUDA present: tests/test_triton_gpu.py runs the compiled Triton kernels",
+                allow_module_level=True)
+if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    # triton.language's own @jit helpers (tl.zeros, tl.cumsum, ...) were built for compilation
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set, so its kernels are "
+                "compiled, not interpreted; run this file in its own pytest process "
+                "(or with TRITON_INTERPRET=1 in the environment)", allow_module_level=True)
+
+_saved = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"   # before triton is imported: jit decoration reads it
+try:
+    pytest.importorskip("triton")
+    tf = importlib.import_module("nha_core.backends.triton.forward")
+    tb = importlib.import_module("nha_core.backends.triton.backward")
+    td = importlib.import_module("nha_core.backends.triton.decode")
+    tc = importlib.import_module("nha_core.backends.triton.configs")
+finally:
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+if type(tf.nha_fwd_kernel).__name__ != "InterpretedFunction":
+    pytest.skip("the Triton kernels were imported before TRITON_INTERPRET=1 was set (compiled, not "
+                "interpreted); run this file in its own pytest process", allow_module_level=True)
+
+import nha_core.reference as ref  # noqa: E402
+from nha_core.problem import Problem  # noqa: E402
+from nha_core.state import NHAState  # noqa: E402
+
+TOL = {"float32": 2e-5, "float16": 2e-2}
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M: 16)
+    monkeypatch.setattr(tc, "window_rows", lambda K, V: 16)
+    monkeypatch.setattr(tc, "decode_window_rows", lambda K, V: 16)
+
+
+def rel(out, want):
+    out = out.detach().to("cpu", torch.float64).numpy() if isinstance(out, torch.Tensor) else np.asarray(out)
+    want = np.asarray(want, dtype=np.float64)
+    assert out.shape == want.shape
+    fin = np.isfinite(want)
+    assert np.isfinite(out[fin]).all()
+    assert (out[~fin] == want[~fin]).all()
+    norm = np.linalg.norm(want[fin])
+    return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
+
+
+def make(seed, B, T, HQ, H, K, V, M, W, *, explicit=False, initial=False, seqlens=None, hard=False,
+         dtype="float32", mode="forward"):
+    """fp64 NumPy originals plus the Problem (inputs go to the kernels as CPU torch tensors)."""
+    r = np.random.default_rng(seed)
+    x = {"q": r.standard_normal((B, T, HQ, K)), "k": r.standard_normal((B, T, H, K)),
+         "v": r.standard_normal((B, T, H, V)), "g": -np.abs(r.standard_normal((B, T, H, M)))}
+    if hard and T and M:
+        x["g"] *= 30.0                                   # chunk cumsums past SAFE_LIMIT
+        x["g"][:, ::5, :, 0] = -np.inf                   # exact resets
+    x["s"] = r.random((B, T, H, M)) if explicit else None
+    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
+    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
+    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
+    N = B if cu is None else len(cu) - 1
+    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
+    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
+    x["cu"] = cu
+    p = Problem(mode=mode, B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype, device="cpu",
+                array_kind="torch", scale=K ** -0.5, has_s=explicit, has_q_slot=explicit,
+                has_k_slot=explicit, has_initial_state=initial, output_final_state=True,
+                varlen=cu is not None)
+    return p, x
+
+
+def native(p, x):
+    dt = TORCH_DTYPE[p.dtype]
+    out = {}
+    for name, a in x.items():
+        if a is None or name == "cu":
+            out[name] = None if a is None else torch.from_numpy(a)
+        else:
+            out[name] = torch.from_numpy(a).to(torch.float32 if name in ("hk0", "hv0") else dt)
+    out["s"] = torch.from_numpy(-np.expm1(x["g"]) if x["s"] is None else x["s"]).to(dt)
+    return out
+
+
+def check(p, x, tol=None, backward=True):
+    tol = TOL[p.dtype] if tol is None else tol
+    n = native(p, x)
+    args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
+    o, lse, hk, hv = tf.forward(p, *args)
+    assert o.dtype == n["q"].dtype and lse.dtype == torch.float32
+    ro, rlse, rhk, rhv = ref.forward(x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
+                                     q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"],
+                                     hv0=x["hv0"], cu_seqlens=x["cu"])
+    for name, a, b in (("o", o, ro), ("lse", lse, rlse), ("hk", hk, rhk), ("hv", hv, rhv)):
+        assert rel(a, b) <= tol, (name, rel(a, b))
+    if not backward:
+        return
+    do = np.random.default_rng(7).standard_normal(o.shape)
+    grads = tb.backward(p, torch.from_numpy(do).to(o.dtype), n["q"], n["k"], n["v"], n["g"], n["s"],
+                        n["q_slot"], n["k_slot"], o, lse, n["hk0"], n["hv0"], n["cu"])
+    dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = grads
+    want = ref.backward(do, x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
+                        q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
+                        cu_seqlens=x["cu"])
+    dg = dg.double()
+    if x["s"] is None:
+        # the API adds the path through the derived s = 1 - exp(g)
+        dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"]))
+    else:
+        assert rel(ds, want["ds"]) <= tol, ("ds", rel(ds, want["ds"]))
+    got = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dq_slot": dq_slot, "dk_slot": dk_slot,
+           "dhk0": dhk0, "dhv0": dhv0}
+    for name, a in got.items():
+        assert (a is None) == (want[name] is None), name
+        if a is not None:
+            assert rel(a, want[name]) <= tol, (name, rel(a, want[name]))
+
+
+CASES = [
+    dict(B=2, T=37, HQ=4, H=2, K=16, V=12, M=5, W=7),                       # GQA, 3 chunks, W not aligned
+    dict(B=1, T=40, HQ=2, H=1, K=12, V=16, M=16, W=0, explicit=True, initial=True),  # pure GSA
+    dict(B=1, T=33, HQ=2, H=2, K=16, V=16, M=0, W=9),                       # pure sliding window
+    dict(B=1, T=30, HQ=2, H=1, K=16, V=16, M=5, W=40, explicit=True),      # W >= T: no slot writes
+    dict(B=1, T=40, HQ=2, H=1, K=16, V=16, M=5, W=3, seqlens=(7, 0, 23, 10), explicit=True, initial=True),
+    dict(B=1, T=35, HQ=2, H=1, K=16, V=16, M=5, W=1, hard=True),           # resets, explicit path
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_forward_backward_small_tiles(case, small_tiles):
+    p, x = make(1, **case)
+    check(p, x)
+
+
+def test_default_tiles_one_chunk_and_explicit_path(monkeypatch):
+    """BT = 64 as on the GPU; then the same problem with the factored path switched off."""
+    p, x = make(2, 1, 40, 2, 1, 16, 12, 5, 6, explicit=True)
+    check(p, x)
+    monkeypatch.setattr(tc, "SAFE_LIMIT", -1.0)   # every chunk takes the explicit per-pair path
+    check(p, x)
+
+
+def test_no_memory_at_all():
+    """M = 0 and W = 0: nothing to attend to, o = 0 and lse = -inf as in the reference."""
+    p, x = make(3, 1, 5, 2, 1, 16, 16, 0, 0)
+    check(p, x, backward=False)
+
+
+def test_float16_forward_backward(small_tiles):
+    """16-bit operands on the tensor-core dots. (bfloat16 is left to the GPU test: the Triton 3.9
+    interpreter's tl.dot on bfloat16 operands returns garbage even for a bare 16x16 product.)"""
+    p, x = make(4, 1, 24, 2, 1, 16, 16, 4, 5, dtype="float16")
+    check(p, x)
+
+
+@pytest.mark.parametrize("T,W,M,explicit", [(0, 4, 5, False), (9, 4, 5, True), (12, 0, 3, False), (6, 5, 0, True)])
+def test_decode_continues_prefill(T, W, M, explicit, small_tiles):
+    N, H, G, K, V, steps = 2, 2, 2, 16, 12, 4
+    p, x = make(5, N, T + steps, G * H, H, K, V, M, W, explicit=explicit, mode="decode")
+    pre = {n: (None if a is None or n == "cu" else a[:, :T]) for n, a in x.items()}
+    _, _, hk, hv = ref.forward(pre["q"], pre["k"], pre["v"], pre["g"], window_size=W, s=pre["s"],
+                               q_slot=pre["q_slot"], k_slot=pre["k_slot"])
+    want = ref.state_from_prefill(pre["k"], pre["v"], pre["g"], hk, hv, window_size=W, s=pre["s"],
+                                  k_slot=pre["k_slot"])
+    state = NHAState(**{name: (a if name == "window_size" or a is None else
+                               torch.from_numpy(np.array(a)).to(torch.int64 if name == "seen" else torch.float32))
+                        for name, a in want.items()})
+    dp = Problem(**{**p.__dict__, "B": N, "T": 1})
+    for i in range(T, T + steps):
+        step = {n: (None if a is None or n == "cu" else a[:, i]) for n, a in x.items()}
+        s_t = -np.expm1(step["g"]) if step["s"] is None else step["s"]
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).float()
+        o, lse = td.decode(dp, t(step["q"]), t(step["k"]), t(step["v"]), t(step["g"]), t(s_t),
+                           t(step["q_slot"]), t(step["k_slot"]), state)
+        ro, rlse, want = ref.decode_step(step["q"], step["k"], step["v"], step["g"], want, s=step["s"],
+                                         q_slot=step["q_slot"], k_slot=step["k_slot"])
+        assert rel(o, ro) <= TOL["float32"] and rel(lse, rlse) <= TOL["float32"]
+    for name in ("hk", "hv", "k_cache", "v_cache", "g_cache", "s_cache", "k_slot_cache"):
+        a, b = getattr(state, name), want[name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel(a, b) <= TOL["float32"], name
+    assert (state.seen.numpy() == want["seen"]).all()
