@@ -1,0 +1,1 @@
+"""asv benchmarks for nha_core; see asv_bench/README.md."""

@@ -1,0 +1,234 @@
+"""One-process comparison of nha_core against its peers (SPEC section 6). Needs no asv.
+
+GPU (default): for each shape, every usable NHA backend (triton, cupy) and every peer
+(FlexAttention sliding window, SDPA full causal, fla chunk_gsa, the fla+Flex composition): median
+device time of forward and forward+backward (triton.testing.do_bench), peak extra device memory,
+NHA's relative error against the composition, and decode at the decode shape. A missing peer
+(e.g. fla not importable) or a failing backend is reported and the run goes on. A global time
+guard keeps the whole run inside ``--budget`` seconds (default 480).
+
+CPU (``--cpu``): the numpy backend at cpu-a / cpu-b against torch SDPA full causal (float32) and
+the per-token NumPy loop, wall-clock medians.
+
+    python asv_bench/compare.py --out DIR [--shapes gpu-a,gpu-b,...] [--quick]
+    python asv_bench/compare.py --out DIR --cpu [--shapes cpu-a,cpu-b]
+
+Writes DIR/results.json (every number, plus card, date, versions, commit) and DIR/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from benchmarks import calls, common, measure  # noqa: E402
+
+
+def _commit() -> str | None:
+    """HEAD here, or $NHA_COMMIT where the tree was copied without .git (the GPU hosts)."""
+    if os.environ.get("NHA_COMMIT"):
+        return os.environ["NHA_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return None
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("numpy", "torch", "triton", "cupy", "fla", "nha_core"):
+        try:
+            module = __import__(name)
+            out[name] = getattr(module, "__version__", "?")
+        except Exception as error:
+            out[name] = f"not importable ({type(error).__name__})"
+    try:
+        import nha_core
+
+        out["nha_backends"] = {n: (i.get("usable"), i.get("reason")) for n, i in nha_core.backends().items()}
+    except Exception as error:
+        out["nha_backends"] = f"unavailable: {error}"
+    return out
+
+
+def _device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except Exception:
+        pass
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores"
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU mode
+
+
+def run_cpu(shape_names, *, deadline, quick, log) -> list[dict]:
+    records = []
+    for name in shape_names:
+        shape = common.SHAPES[name]
+        log(f"[{name}] {shape.describe()}")
+        for impl in ("nha_numpy", *calls.CPU_PEERS):
+            rec = {"shape": name, "impl": impl, "mode": "forward", "dtype": shape.dtype}
+            if time.perf_counter() > deadline:
+                rec.update(status="skipped", reason="time budget")
+            else:
+                try:
+                    t0 = time.perf_counter()
+                    call = calls.make_call(shape, impl, "forward")
+                    rec["first_call_s"] = round(time.perf_counter() - t0, 3)
+                    repeat = 1 if quick or name == "cpu-b" else 3
+                    rec["ms"] = 1e3 * common.cpu_time_s(call.run, repeat=repeat, warmup=0)
+                    rec["status"] = "ok"
+                except NotImplementedError as error:
+                    rec.update(status="missing", reason=str(error).splitlines()[0])
+                except Exception as error:
+                    rec.update(status="failed", reason=f"{type(error).__name__}: {error}"[:300])
+            records.append(rec)
+            log(f"  {rec}")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _fmt(x, digits=3):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def to_markdown(result) -> str:
+    lines = [f"# nha_core vs peers — {result['device']}", "",
+             f"date {result['date']} · commit {result['commit'] or '?'} · mode {result['mode']}"
+             f"{' (quick)' if result['quick'] else ''} · {result['elapsed_s']:.0f} s", ""]
+    v = result["versions"]
+    lines.append("versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "triton", "cupy", "fla", "numpy")
+                                          if k in v))
+    if result.get("copy_bandwidth_gbs"):
+        lines.append(f"measured device copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
+    lines.append("")
+    records = result["records"]
+    for name in result["shapes"]:
+        shape = common.SHAPES[name]
+        lines += [f"## {name}: {shape.describe()}", "",
+                  "| impl | mode | time (ms) | peak extra MiB | first call (s) | status |",
+                  "|---|---|---|---|---|---|"]
+        for r in records:
+            if r["shape"] != name or r["mode"] == "accuracy":
+                continue
+            status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
+            extra = f" ({r['gbs']:.0f} GB/s)" if "gbs" in r else ""
+            lines.append(f"| {r['impl']} | {r['mode']} | {_fmt(r.get('ms'))}{extra} | {_fmt(r.get('peak_mib'), 4)} "
+                         f"| {_fmt(r.get('first_call_s'))} | {status} |")
+        ratios = [x for x in result["ratios"] if x["shape"] == name]
+        if ratios:
+            lines += ["", "| NHA impl | mode | vs peer | time ratio (NHA / peer) |", "|---|---|---|---|"]
+            lines += [f"| {x['impl']} | {x['mode']} | {x['peer']} | {_fmt(x['ratio'])} |" for x in ratios]
+        acc = [r for r in records if r["shape"] == name and r["mode"] == "accuracy"]
+        if acc:
+            lines += ["", "| NHA impl | rel. error vs composition (bf16) | status |", "|---|---|---|"]
+            for r in acc:
+                status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
+                lines.append(f"| {r['impl']} | {_fmt(r.get('rel_err_vs_composition'))} | {status} |")
+        lines.append("")
+    checks = [r for r in records if r["impl"] == "composition" and r["mode"] == "accuracy"]
+    for r in checks:
+        lines += ["## composition self-check (gpu-s, T=384, bf16 vs float32 token loop)", "",
+                  f"status {r['status']} {r.get('reason', '')}; output rel. error "
+                  f"{_fmt(r.get('rel_err_vs_fp32_loop'))}; gradient rel. errors {r.get('grad_rel_err_vs_fp32_loop')}", ""]
+    missing = sorted({f"{r['impl']}: {r.get('reason')}" for r in records if r["status"] in ("missing", "failed")})
+    if missing:
+        lines += ["## not measured", ""] + [f"* {m}" for m in missing] + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="directory for results.json and results.md")
+    ap.add_argument("--shapes", help="comma-separated shape names (default: all GPU shapes + decode, or cpu-a,cpu-b)")
+    ap.add_argument("--quick", action="store_true", help="shorter timing windows (numbers are noisier)")
+    ap.add_argument("--cpu", action="store_true", help="CPU mode: numpy backend vs torch SDPA / per-token loop")
+    ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
+    args = ap.parse_args(argv)
+
+    start = time.perf_counter()
+    deadline = start + args.budget
+    os.makedirs(args.out, exist_ok=True)
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
+
+    if args.cpu:
+        shapes = args.shapes.split(",") if args.shapes else ["cpu-a", "cpu-b"]
+    else:
+        shapes = args.shapes.split(",") if args.shapes else list(common.GPU_SHAPES) + list(common.GPU_DECODE_SHAPES)
+    unknown = [s for s in shapes if s not in common.SHAPES]
+    if unknown:
+        ap.error(f"--shapes: unknown {unknown}; known: {sorted(common.SHAPES)}")
+
+    result = {"device": _device(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": _commit(), "mode": "cpu" if args.cpu else "gpu", "quick": args.quick, "shapes": shapes,
+              "shape_defs": {s: common.SHAPES[s].__dict__ for s in shapes}, "versions": _versions()}
+    log(f"device: {result['device']}\nversions: {result['versions']}")
+
+    if args.cpu:
+        records = run_cpu(shapes, deadline=deadline, quick=args.quick, log=log)
+        result["ratios"] = measure.ratio_table(records)
+    else:
+        try:
+            common.cuda_or_skip()
+        except NotImplementedError as error:
+            ap.error(f"GPU mode needs CUDA ({error}); use --cpu on a machine without a GPU")
+        from benchmarks import peers
+
+        why = peers.fla_available()
+        if why:
+            log(f"NOTE: {why} -> fla_chunk_gsa and composition are missing from this run")
+        try:
+            result["copy_bandwidth_gbs"] = common.gpu_copy_bandwidth_gbs()
+        except Exception as error:
+            log(f"copy bandwidth not measured: {error}")
+        records = measure.run_all(shapes, deadline=deadline, quick=args.quick, log=log)
+        # the peer's own correctness last: its compile time is already paid by then
+        if time.perf_counter() < deadline:
+            records.append(measure.check_composition())
+            log(f"composition self-check: {records[-1]}")
+        result["ratios"] = measure.ratio_table(records)
+        for r in records:
+            if r.get("gbs") and result.get("copy_bandwidth_gbs"):
+                r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
+        decode = {r["impl"]: r["ms"] for r in records if r["mode"] == "decode" and r["status"] == "ok"}
+        for impl, t in decode.items():
+            if impl.startswith("nha_") and "sdpa_kvcache" in decode:
+                result["ratios"].append({"shape": "decode", "mode": "decode", "impl": impl, "peer": "sdpa_kvcache",
+                                         "ratio": t / decode["sdpa_kvcache"]})
+    result["records"] = records
+    result["elapsed_s"] = time.perf_counter() - start
+
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    md = to_markdown(result)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print("\n" + md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
