@@ -275,11 +275,13 @@ def _prepare(mode, arrays, *, window_size, scale, initial_state, cu_seqlens, bac
         state = {f: interop.to_native(a, b.array_kind, interop.array_kind(a, f))
                  for f, a in initial_state.arrays().items()}
     derived_s = native["s"] is None
-    if derived_s:
-        native["s"] = _derive_s(ops, native["g"])
     layout = _Layout(p, cu_host, initial_state)
     state_s_cache = initial_state is not None and initial_state.s_cache is not None
     state_k_slot_cache = initial_state is not None and initial_state.k_slot_cache is not None
+    # Backends that derive s = 1 - exp(g) inside their kernels get s = None (no extra pass over
+    # [B,T,H,M]); the others, and a prefix that mixes explicit and derived s, get it materialised.
+    if derived_s and (not b.derives_s or (layout.extended and state_s_cache)):
+        native["s"] = _derive_s(ops, native["g"])
     cu = None if cu_host is None else ops.index(cu_host)
     if layout.extended:
         T_ext = int(layout.ext_cu[-1])
@@ -287,7 +289,7 @@ def _prepare(mode, arrays, *, window_size, scale, initial_state, cu_seqlens, bac
             "k": state["k_cache"], "v": state["v_cache"], "g": state["g_cache"],
             "s": state.get("s_cache"), "k_slot": state.get("k_slot_cache", state["k_cache"]),
         }
-        if ring["s"] is None:
+        if ring["s"] is None and native["s"] is not None:
             ring["s"] = _derive_s(ops, state["g_cache"])
         if native["k_slot"] is None and "k_slot_cache" in state:
             native["k_slot"] = native["k"]  # new tokens read k; cached ones their own k_slot
@@ -375,7 +377,7 @@ def _final_state(pre: _Prepared, hk, hv, x) -> NHAState:
     keep_s = not pre.derived_s or pre.state_s_cache
     return NHAState(
         hk=hk, hv=hv, k_cache=ring(x["k"], K), v_cache=ring(x["v"], V), g_cache=ring(x["g"], M),
-        s_cache=ring(x["s"], M) if keep_s else None,
+        s_cache=ring(x["s"], M) if keep_s and x["s"] is not None else None,
         k_slot_cache=ring(x["k_slot"], K) if x["k_slot"] is not None else None,
         seen=ops.index(layout.final_seen), window_size=W,
     )
@@ -528,7 +530,7 @@ def decode_step(q_t, k_t, v_t, g_t, state, *, s_t=None, q_slot_t=None, k_slot_t=
         raise ValueError("in_place: JAX arrays are immutable; call decode_step with in_place=False")
     x = {n: None if a is None else interop.to_native(a, b.array_kind, interop.array_kind(a, n))[:, 0]
          for n, a in arrays.items()}
-    if x["s"] is None:
+    if x["s"] is None and not b.derives_s:
         x["s"] = _derive_s(ops, x["g"])
     if x["k_slot"] is None and state.k_slot_cache is not None:
         x["k_slot"] = x["k"]

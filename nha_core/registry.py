@@ -7,7 +7,9 @@ NumPy arrays, torch tensors or CuPy arrays) that already passed validation, in t
 Kernel contract (all shapes time-major, as in FlashAttention and fla)::
 
     forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens) -> (o, lse, hk, hv)
-        q [B,T,HQ,K]  k [B,T,H,K]  v [B,T,H,V]  g [B,T,H,M]  s [B,T,H,M] (always given)
+        q [B,T,HQ,K]  k [B,T,H,K]  v [B,T,H,V]  g [B,T,H,M]
+        s [B,T,H,M]; None (= 1 - exp(g), computed in the kernels) only for backends that set
+        ``derives_s``; backward then still returns ds, the gradient w.r.t. that derived s
         q_slot [B,T,HQ,K] or None (= q)      k_slot [B,T,H,K] or None (= k)
         hk0 [N,H,K,M], hv0 [N,H,M,V] in p.state_dtype, or None (= zeros)
         cu_seqlens: None, or native int64 [N+1] (B == 1); p.varlen says which
@@ -23,7 +25,7 @@ Kernel contract (all shapes time-major, as in FlashAttention and fla)::
 
     decode(p, q, k, v, g, s, q_slot, k_slot, state) -> (o, lse)
         one new token per sequence: q [N,HQ,K], k [N,H,K], v [N,H,V], g [N,H,M], s [N,H,M]
-        (always given), q_slot / k_slot or None. ``state`` is an NHAState of native arrays
+        (None only with ``derives_s``), q_slot / k_slot or None. ``state`` is an NHAState of native arrays
         that the backend UPDATES IN PLACE (the API copies it first unless asked not to):
         evict the token leaving the window into the slots, append the new token to the ring
         buffer, read slots + window with one softmax, and add 1 to ``state.seen``.
@@ -57,6 +59,7 @@ class Backend:
     features: frozenset = ALL_FEATURES  # subset of ALL_FEATURES
     array_kind: str = "numpy"           # native arrays the entry points take: numpy | torch | cupy
     auto_devices: tuple | None = None   # device types `auto` may pick it for (None: all it runs on)
+    derives_s: bool = False             # takes s = None and computes s = 1 - exp(g) in its kernels
 
     def availability(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
