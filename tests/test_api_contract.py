@@ -202,3 +202,14 @@ def test_cli_info_and_small_demo():
                            "--decode", "20", "--check", "100"], capture_output=True, text=True)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "result  : OK" in demo.stdout
+
+
+def test_strided_torch_views_give_contiguous_results():
+    torch = pytest.importorskip("torch")
+    q, k, v, g = small(T=9)
+    want = nha_core.attention(q, k, v, g, window_size=3)
+    # [B,HQ,T,K] storage viewed as [B,T,HQ,K]: non-contiguous, as after a head-first projection
+    views = [torch.from_numpy(np.ascontiguousarray(a.transpose(0, 2, 1, 3))).transpose(1, 2) for a in (q, k, v, g)]
+    assert not views[0].is_contiguous()
+    got = nha_core.attention(*views, window_size=3)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)

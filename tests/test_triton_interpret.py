@@ -102,7 +102,9 @@ def make(seed, B, T, HQ, H, K, V, M, W, *, explicit=False, initial=False, seqlen
     return p, x
 
 
-def native(p, x):
+def native(p, x, derive_in_kernel=True):
+    """Torch inputs; s stays None (the kernels derive s = 1 - exp(g), ``derives_s``) unless it
+    was given or ``derive_in_kernel`` is False (then it is materialised as the API used to)."""
     dt = TORCH_DTYPE[p.dtype]
     out = {}
     for name, a in x.items():
@@ -110,13 +112,14 @@ def native(p, x):
             out[name] = None if a is None else torch.from_numpy(a)
         else:
             out[name] = torch.from_numpy(a).to(torch.float32 if name in ("hk0", "hv0") else dt)
-    out["s"] = torch.from_numpy(-np.expm1(x["g"]) if x["s"] is None else x["s"]).to(dt)
+    if x["s"] is None and not derive_in_kernel:
+        out["s"] = torch.from_numpy(-np.expm1(x["g"])).to(dt)
     return out
 
 
-def check(p, x, tol=None, backward=True):
+def check(p, x, tol=None, backward=True, derive_in_kernel=True):
     tol = TOL[p.dtype] if tol is None else tol
-    n = native(p, x)
+    n = native(p, x, derive_in_kernel)
     args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
     o, lse, hk, hv = tf.forward(p, *args)
     assert o.dtype == n["q"].dtype and lse.dtype == torch.float32
@@ -164,6 +167,14 @@ def test_forward_backward_small_tiles(case, small_tiles):
     check(p, x)
 
 
+def test_materialised_s_matches_derived(small_tiles):
+    """s = 1 - exp(g) passed as an array (as a backend without derives_s gets it) and derived
+    inside the kernels give the same results (the resets of `hard` included)."""
+    p, x = make(6, 1, 35, 2, 1, 16, 16, 5, 4, hard=True)
+    check(p, x, derive_in_kernel=False)
+    check(p, x, derive_in_kernel=True)
+
+
 def test_default_tiles_one_chunk_and_explicit_path(monkeypatch):
     """BT = 64 as on the GPU; then the same problem with the factored path switched off."""
     p, x = make(2, 1, 40, 2, 1, 16, 12, 5, 6, explicit=True)
@@ -200,9 +211,9 @@ def test_decode_continues_prefill(T, W, M, explicit, small_tiles):
     dp = Problem(**{**p.__dict__, "B": N, "T": 1})
     for i in range(T, T + steps):
         step = {n: (None if a is None or n == "cu" else a[:, i]) for n, a in x.items()}
-        s_t = -np.expm1(step["g"]) if step["s"] is None else step["s"]
         t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).float()
-        o, lse = td.decode(dp, t(step["q"]), t(step["k"]), t(step["v"]), t(step["g"]), t(s_t),
+        # s None when not given: the kernel derives s = 1 - exp(g) (derives_s)
+        o, lse = td.decode(dp, t(step["q"]), t(step["k"]), t(step["v"]), t(step["g"]), t(step["s"]),
                            t(step["q_slot"]), t(step["k_slot"]), state)
         ro, rlse, want = ref.decode_step(step["q"], step["k"], step["v"], step["g"], want, s=step["s"],
                                          q_slot=step["q_slot"], k_slot=step["k_slot"])
