@@ -242,3 +242,31 @@ def test_head_parallel_split_is_exact(monkeypatch, varlen):
     three = both()
     for a, b in zip(one, three):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("block", [4, 8, 16])
+@pytest.mark.parametrize("dtype, tol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_small_chunks_cover_the_full_window_path(monkeypatch, block, dtype, tol):
+    """Chunks past the first W tokens take the shared-key-block path; force many of them."""
+    import nha_core
+    from nha_core.backends.numpy import configs as numpy_configs
+
+    monkeypatch.setattr(numpy_configs, "BLOCK_T", block)
+    monkeypatch.setattr(numpy_configs, "SLOT_GROUP", 3)
+    rng = np.random.default_rng(block)
+    B, T, HQ, H, K, V, M, W = 2, 61, 4, 2, 6, 5, 7, 9
+    x = [rng.standard_normal((B, T, HQ, K)), rng.standard_normal((B, T, H, K)), rng.standard_normal((B, T, H, V)),
+         -np.logaddexp(0.0, -rng.standard_normal((B, T, H, M))) / 4]
+    x[3][:, 30, :, 2] = -np.inf
+    x = [a.astype(dtype) for a in x]
+    o, lse, st = nha_core.attention(*x, window_size=W, return_lse=True, output_final_state=True, backend="numpy")
+    r = [a.astype(np.float64) for a in x]
+    ro, rl, rhk, rhv = ref.forward(*r, window_size=W)
+    for got, want in ((o, ro), (lse, rl), (st.hk, rhk), (st.hv, rhv)):
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want)
+    do = rng.standard_normal(o.shape).astype(dtype)
+    grads = nha_core.attention_backward(do, *x, o, lse, window_size=W, backend="numpy")
+    rg = ref.backward(do.astype(np.float64), *r, window_size=W)
+    for name in ("dq", "dk", "dv", "dg"):
+        got, want = getattr(grads, name), rg[name]
+        assert np.linalg.norm(got - want) <= tol * np.linalg.norm(want), name

@@ -27,7 +27,8 @@ def _over_heads(p, run, inputs, out_axes):
     global _pool
     workers = configs.num_workers(p)
     if workers == 1:
-        return run(p, *(a for a, _ in inputs))
+        with _one_blas_thread():
+            return run(p, *(a for a, _ in inputs))
     bounds = np.linspace(0, p.H, workers + 1).round().astype(int)
     G = p.G
 
@@ -53,15 +54,35 @@ def _over_heads(p, run, inputs, out_axes):
                  for j, (axis, _) in enumerate(out_axes))
 
 
+_blas = None  # a cached threadpoolctl controller: scanning the loaded libraries costs ~1 ms
+
+
 @contextlib.contextmanager
 def _one_blas_thread():
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # still correct, only oversubscribed
+    """Hold BLAS to one thread: our parallelism is over heads, and the GEMMs are small."""
+    global _blas
+    if _blas is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _blas = ThreadpoolController()
+        except ImportError:  # still correct, only oversubscribed
+            _blas = False
+    if not _blas:
         yield
         return
-    with threadpool_limits(1, user_api="blas"):
+    with _blas.limit(limits=1, user_api="blas"):
         yield
+
+
+def _derived_s(run, s_index):
+    """Wrap ``run`` so that s = None becomes -expm1(g) per worker (on its heads, in parallel)."""
+    def wrapped(p, *args):
+        if args[s_index] is None:
+            g = args[s_index - 1]
+            args = args[:s_index] + (-np.expm1(g),) + args[s_index + 1:]
+        return run(p, *args)
+    return wrapped
 
 
 Q, KV, NONE = (2, True), (2, False), (None, False)   # head axis of [B,T,heads,dim] arrays
@@ -78,25 +99,26 @@ class NumpyBackend(Backend):
     max_slots = configs.MAX_SLOTS
     features = configs.FEATURES
     array_kind = "numpy"
+    derives_s = True  # s = -expm1(g) is computed per worker thread (np.expm1 is not vectorised)
 
     def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
         from .forward import forward
 
         inputs = [(q, Q), (k, KV), (v, KV), (g, KV), (s, KV), (q_slot, Q), (k_slot, KV), (hk0, STATE),
                   (hv0, STATE), (cu_seqlens, NONE)]
-        return _over_heads(p, forward, inputs, [Q, LSE, STATE, STATE])
+        return _over_heads(p, _derived_s(forward, 4), inputs, [Q, LSE, STATE, STATE])
 
     def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
         from .backward import backward
 
         inputs = [(do, Q), (q, Q), (k, KV), (v, KV), (g, KV), (s, KV), (q_slot, Q), (k_slot, KV), (o, Q),
                   (lse, LSE), (hk0, STATE), (hv0, STATE), (cu_seqlens, NONE)]
-        return _over_heads(p, backward, inputs, [Q, KV, KV, KV, KV, Q, KV, STATE, STATE])
+        return _over_heads(p, _derived_s(backward, 5), inputs, [Q, KV, KV, KV, KV, Q, KV, STATE, STATE])
 
     def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
         from .decode import decode
 
-        return decode(p, q, k, v, g, s, q_slot, k_slot, state)
+        return decode(p, q, k, v, g, -np.expm1(g) if s is None else s, q_slot, k_slot, state)
 
 
 BACKEND = NumpyBackend()
