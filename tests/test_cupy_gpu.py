@@ -79,6 +79,12 @@ CASES = {
     "B2-T90-HQ4-H1-K16-V16-M8-W9-slots-init": (2, 90, 4, 1, 16, 16, 8, 9, {"slots": True, "init": True}),
     "B1-T100-HQ2-H2-K128-V128-M64-W24": (1, 100, 2, 2, 128, 128, 64, 24, {}),
     "B1-T40-HQ1-H1-K256-V256-M256-W16": (1, 40, 1, 1, 256, 256, 256, 16, {"init": True}),
+    # tensor-core forward (16-bit, K/V/M multiples of 16): weak gates take the factored slot path,
+    # strong ones and -inf resets the explicit one; several window tiles, GQA, varlen
+    "B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak": (2, 300, 4, 2, 64, 32, 32, 100, {"weak": True}),
+    "B1-T300-HQ2-H1-K32-V64-M16-W70-tc-varlen": (1, 300, 2, 1, 32, 64, 16, 70,
+                                                {"cu": [0, 130, 131, 300], "ninf": True, "init": True,
+                                                 "slots": True}),
 }
 
 
@@ -88,6 +94,8 @@ def make(case, dtype, seed=0):
     r = lambda *shape: round_to(rng.standard_normal(shape), dtype)  # noqa: E731
     x = {"q": r(B, T, HQ, K), "k": r(B, T, H, K), "v": r(B, T, H, V)}
     g = -rng.uniform(0.02, 1.5, (B, T, H, M))
+    if opt.get("weak"):
+        g = -rng.uniform(0.001, 0.2, (B, T, H, M))
     if opt.get("ninf"):
         g[rng.random(g.shape) < 0.1] = -np.inf
     x["g"] = round_to(g, dtype)
@@ -189,6 +197,19 @@ def test_decode(name, dtype):
         assert rel(cupy.asnumpy(lse), lse_r) <= TOL[dtype], f"step {step}: lse"
         assert rel(cupy.asnumpy(state.hk), st["hk"]) <= TOL[dtype], f"step {step}: hk"
         assert (cupy.asnumpy(state.seen) == st["seen"]).all()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_forward_derived_s(dtype):
+    """s = None (derives_s): the same result as passing s = 1 - exp(g)."""
+    p, x = make(CASES["B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak"], dtype)
+    args = list(dev_args(p, x))
+    o1, lse1, hk1, _ = BACKEND.forward(p, *args)
+    args[4] = None
+    o2, lse2, hk2, _ = BACKEND.forward(p, *args)
+    assert rel(to_host(o2, dtype), to_host(o1, dtype)) <= 1e-2
+    assert rel(cupy.asnumpy(lse2), cupy.asnumpy(lse1)) <= 1e-3
+    assert rel(cupy.asnumpy(hk2), cupy.asnumpy(hk1)) <= 1e-2
 
 
 def test_availability_reason():

@@ -26,6 +26,8 @@ class CupyBackend(Backend):
     max_slots = configs.MAX_SLOTS
     features = configs.FEATURES
     array_kind = "cupy"
+    derives_s = True  # s = None: the tensor-core forward computes s = 1 - exp(g) in its kernels;
+                      # the other paths materialise it once (forward.derived_s)
 
     def availability(self):
         try:
@@ -67,7 +69,26 @@ def kernels(filename: str, in_type: str, cache_type: str, BT: int, RMAX: int):
     cuda_path = cupy.cuda.get_cuda_path()  # cuda_bf16.h / cuda_fp16.h for NVRTC, when a toolkit is there
     if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
         options.append(f"-I{os.path.join(cuda_path, 'include')}")
+    mma = mma_include()
+    if mma is None:
+        options.append("-DNHA_NO_TC")
+    elif not cuda_path or os.path.join(cuda_path, "include") != mma:
+        options.append(f"-I{mma}")  # after the first: only crt/mma.h* is looked up here
     return cupy.RawModule(code=code, options=tuple(options))
+
+
+@functools.lru_cache(maxsize=None)
+def mma_include():
+    """An include folder holding crt/mma.h (WMMA for the tensor-core kernels), or None. Wheels of
+    the CUDA runtime (nvidia-*-cu13) ship mma.h without its crt/ part; a full toolkit has both."""
+    import cupy
+
+    roots = [cupy.cuda.get_cuda_path(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             "/usr/local/cuda"]
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include", "crt", "mma.h")):
+            return os.path.join(root, "include")
+    return None
 
 
 def launch(module, name: str, grid, args, smem_bytes: int = 0) -> None:

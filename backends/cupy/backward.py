@@ -19,6 +19,10 @@ from .forward import NULL, c, chunk_states, chunk_table
 def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
     import cupy
 
+    if s is None:  # derives_s: the backward kernels read a materialised s
+        from .forward import derived_s
+
+        s = derived_s(g)
     BT, RMAX = configs.pick_bt(p), configs.rmax(p)
     ctype = configs.CUDA_TYPE[p.dtype]
     fwd = kernels("forward.cu", ctype, ctype, BT, RMAX)

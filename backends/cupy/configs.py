@@ -46,6 +46,13 @@ def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
     BS = BT
     if kernel == "fwd_main":
         return 3 * BT * M + BT * K + BS * (K + V) + BT * BS + BT * V + 3 * BT
+    if kernel == "fwd_main_tc":  # padded rows (PADF = 8 floats), see forward.cu
+        P = 8
+        return (2 * BT * (K + P) + 2 * BT * (V + P) + 3 * BT * (M + P)
+                + max(K * (M + P), M * (V + P)) + BT * (BT + P) + 2 * BT)
+    if kernel == "fwd_state_tc":
+        D = max(K, V)
+        return BMC * (D + 8) + BT * (D + 8) + BT * (BMC + 8) + BMC + BT * BMC
     if kernel == "bwd_q":
         return 4 * BT * M + 2 * BT * K + BS * (K + V) + BT * V + BT * BS + 2 * BT
     if kernel == "bwd_slot_kv":
@@ -53,6 +60,32 @@ def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
     if kernel == "bwd_window_kv":
         return 3 * BT * (K + V) + 2 * BT * BT + 2 * BT
     raise ValueError(kernel)
+
+
+BMC = 16  # slot columns per block of the tensor-core chunk-state kernel (forward.cu nha_fwd_state_tc):
+          # one m16n16 fragment row; 2 * M / BMC blocks per (sequence, head) fill the chip better
+          # than whole-state blocks on the serial chunk walk
+
+
+def use_tc(p) -> bool:
+    """Tensor-core forward (forward.cu ``*_tc`` kernels): 16-bit inputs (fp32 keeps exact CUDA-core
+    math, tf32 products would cost ~3e-4 of its 1e-3 budget), K, V, M multiples of 16 (WMMA tiles),
+    M > 0 and a chunk that fits shared memory."""
+    from . import mma_include
+
+    return (mma_include() is not None and p.dtype in ("float16", "bfloat16") and p.M > 0 and p.K % 16 == 0 and p.V % 16 == 0
+            and p.M % 16 == 0 and pick_bt_tc(p) is not None)
+
+
+def pick_bt_tc(p):
+    """Largest chunk whose tensor-core kernels fit shared memory (NHA_CUPY_BT_TC forces one, for tuning)."""
+    import os
+
+    forced = os.environ.get("NHA_CUPY_BT_TC")
+    for BT in (int(forced),) if forced else BT_CHOICES:
+        if all(4 * smem_floats(name, BT, p.K, p.V, p.M) <= SMEM_LIMIT for name in ("fwd_main_tc", "fwd_state_tc")):
+            return BT
+    return None
 
 
 def pick_bt(p) -> int:

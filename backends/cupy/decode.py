@@ -11,7 +11,8 @@ import numpy as np
 from . import configs, kernels, launch
 from .forward import NULL, c
 
-_CACHE_TYPE = {"float32": "float", "float16": "__half", "uint16": "__nv_bfloat16"}
+_CACHE_TYPE = {"float32": "float", "float16": "__half", "uint16": "__nv_bfloat16",
+               "bfloat16": "__nv_bfloat16"}  # CuPy 14 views torch bf16 as a bfloat16 dtype
 
 
 def decode(p, q, k, v, g, s, q_slot, k_slot, state):
@@ -30,6 +31,10 @@ def decode(p, q, k, v, g, s, q_slot, k_slot, state):
     if state.hk.dtype != cupy.float32 or state.hv.dtype != cupy.float32 or state.seen.dtype != cupy.int64:
         raise NotImplementedError("cupy: decode needs float32 hk / hv and int64 seen")
 
+    if s is None:  # derives_s
+        from .forward import derived_s
+
+        s = derived_s(g)
     ctype = configs.CUDA_TYPE[p.dtype]
     mod = kernels("decode.cu", ctype, _CACHE_TYPE[next(iter(dtypes))], 16, 1)  # BT, RMAX unused
     q, k, v, g, s = c(q), c(k), c(v), c(g), c(s)

@@ -66,9 +66,25 @@ def chunk_states(p, mod, table, BT, k_slot, v, g, s, hk0, hv0, want_final):
     return hk_chunks, hv_chunks, hk, hv
 
 
+def derived_s(g):
+    """s = 1 - exp(g) for the kernels that need it materialised (derives_s: the API passes None)."""
+    import cupy
+
+    if g.dtype == cupy.uint16:  # bfloat16 bits
+        x = (g.astype(cupy.uint32) << 16).view(cupy.float32)
+        y = -cupy.expm1(x)
+        b = y.view(cupy.uint32)
+        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cupy.uint16)  # round to nearest even
+    return (-cupy.expm1(g.astype(cupy.float32))).astype(g.dtype)
+
+
 def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     import cupy
 
+    if configs.use_tc(p):
+        return forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
+    if s is None:
+        s = derived_s(g)
     BT, RMAX = configs.pick_bt(p), configs.rmax(p)
     mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT, RMAX)
     q, k, v, g, s = c(q), c(k), c(v), c(g), c(s)
@@ -86,4 +102,41 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
         q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos, chunk_n, chunk_t0, o, lse,
         np.int32(p.T), np.int32(p.HQ), np.int32(p.H), np.int32(p.K), np.int32(p.V),
         np.int32(p.M), np.int32(p.W), np.float32(p.scale)), smem)
+    return o, lse, hk, hv
+
+
+def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
+    """Tensor-core path (forward.cu nha_fwd_state_tc + nha_fwd_main_tc); s may be None."""
+    import cupy
+
+    BT = configs.pick_bt_tc(p)
+    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT, 1)
+    q, k, v, g = c(q), c(k), c(v), c(g)
+    s = NULL if s is None else c(s)
+    q_slot = q if q_slot is None else c(q_slot)
+    k_slot = k if k_slot is None else c(k_slot)
+    table = chunk_table(p, cu_seqlens, BT)
+    bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
+    H, K, V, M = p.H, p.K, p.V, p.M
+    i32 = np.int32
+
+    hk_chunks = cupy.empty((NC, H, K, M), dtype=cupy.float32)
+    hv_chunks = cupy.empty((NC, H, M, V), dtype=cupy.float32)
+    hk = hv = None
+    if p.output_final_state:
+        hk = cupy.empty((N, H, K, M), dtype=cupy.float32)
+        hv = cupy.empty((N, H, M, V), dtype=cupy.float32)
+    launch(mod, "nha_fwd_state_tc", (2 * (-(-M // configs.BMC)), N * H), (
+        k_slot, v, g, s,
+        c(hk0) if hk0 is not None else NULL, c(hv0) if hv0 is not None else NULL,
+        bos, seq_chunk0, hk_chunks, hv_chunks,
+        hk if hk is not None else NULL, hv if hv is not None else NULL,
+        i32(H), i32(K), i32(V), i32(M), i32(p.W)), 4 * configs.smem_floats("fwd_state_tc", BT, K, V, M))
+
+    o = cupy.empty((p.B, p.T, p.HQ, p.V), dtype=configs.ARRAY_DTYPE[p.dtype])
+    lse = cupy.empty((p.B, p.HQ, p.T), dtype=cupy.float32)
+    launch(mod, "nha_fwd_main_tc", (NC, p.HQ), (
+        q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos, chunk_n, chunk_t0, o, lse,
+        i32(p.T), i32(p.HQ), i32(H), i32(K), i32(V), i32(M), i32(p.W), np.float32(p.scale)),
+        4 * configs.smem_floats("fwd_main_tc", BT, K, V, M))
     return o, lse, hk, hv
