@@ -7,6 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/nha_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_AUTOTUNING=1   # keep autotune results (fla's take minutes) on disk between commands
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -25,6 +26,17 @@ for step in "$@"; do
     profile-cupy)
       timeout 200 python3 asv_bench/profile_gpu.py --backend cupy --shape gpu-a 2>&1 | tee "$OUT/profile_cupy.log" ;;
     compare)
-      timeout 540 python3 asv_bench/compare.py --out "$OUT/cmp" 2>&1 | tail -80 | tee "$OUT/compare.log" ;;
+      timeout 540 python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
+        > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;
+    asv)
+      # asv needs the git history: recreate it from a carried bundle (git bundle create .whl/repo.bundle HEAD)
+      if [ ! -d .git ]; then git init -q -b main && git fetch -q .whl/repo.bundle HEAD && git update-ref HEAD FETCH_HEAD; fi
+      git config --global --add safe.directory "$PWD"
+      machine=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9-')
+      (cd asv_bench && python3 -m asv machine --yes --machine "$machine" > "$OUT/asv.log" 2>&1 &&
+        timeout 560 python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" --machine "$machine" \
+          --bench "bench_gpu.Summary" --show-stderr >> "$OUT/asv.log" 2>&1)
+      tail -30 "$OUT/asv.log"
+      mkdir -p "$OUT/asv" && cp asv_bench/results/"$machine"/*.json "$OUT/asv/" ;;
   esac
 done
