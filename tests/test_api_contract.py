@@ -213,3 +213,24 @@ def test_strided_torch_views_give_contiguous_results():
     assert not views[0].is_contiguous()
     got = nha_core.attention(*views, window_size=3)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_third_party_backend_plugs_into_auto_dispatch(monkeypatch):
+    """A registered backend (what an entry point of group nha_core.backends yields) is dispatched to."""
+    calls = []
+
+    class Half(nha_core.Backend):  # a float16 CPU backend that delegates to the reference
+        name, priority, devices, dtypes, array_kind = "half_ref", 60, ("cpu",), ("float16",), "numpy"
+
+        def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
+            from nha_core import reference
+            calls.append(p.describe())
+            o, lse, hk, hv = reference.forward(q, k, v, g, window_size=p.W, s=s, scale=p.scale)
+            return o.astype(q.dtype), lse.astype("float32"), hk, hv
+
+    monkeypatch.setattr(registry, "_registry", dict(registry.all_backends()))
+    nha_core.register(Half())
+    q, k, v, g = small(dtype=np.float16)
+    o = nha_core.attention(q, k, v, g, window_size=2)
+    assert o.dtype == np.float16 and calls == ["forward B1-T6-HQ2-H1-K4-V3-M2-W2-float16 on cpu"]
+    assert "half_ref" in nha_core.backends()
