@@ -19,6 +19,11 @@ for step in "$@"; do
     tests)
       timeout 200 python3 -m pytest -m gpu tests/test_triton_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/triton_gpu.log"
       timeout 120 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/cupy_gpu.log" ;;
+    tests-quick)
+      timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
+      NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \
+        python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
+      tail -15 "$OUT/properties_gpu.log" ;;
     properties)
       NHA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/properties_gpu.log" ;;
     profile)

@@ -33,6 +33,12 @@ def _backends():
 BACKENDS = _backends()
 DTYPES = os.environ.get("NHA_TEST_DTYPES", "float64,float32" if DEVICE == "cpu" else "float32,bfloat16").split(",")
 pytestmark = [pytest.mark.gpu] if DEVICE == "cuda" else []
+# NHA_TEST_EXAMPLES caps the examples per property (GPU runs: every new shape compiles kernels)
+_CAP = int(os.environ.get("NHA_TEST_EXAMPLES", "0"))
+
+
+def examples(n: int) -> int:
+    return min(n, _CAP) if _CAP else n
 
 
 def to_device(x, dtype):
@@ -82,7 +88,7 @@ def reference_args(x, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 @given(case=cases())
 def test_forward_matches_reference(backend, dtype, case):
     x = inputs(case)
@@ -100,7 +106,7 @@ def test_forward_matches_reference(backend, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(case=cases())
 def test_backward_matches_reference(backend, dtype, case):
     x = inputs(case)
@@ -133,6 +139,7 @@ def test_backward_matches_reference(backend, dtype, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases(varlen=False), split=st.integers(0, 40))
 def test_chunked_prefill_equals_one_shot(backend, case, split):
     """attention(x[:a]) then attention(x[a:], initial_state=...) == attention(x)."""
@@ -160,6 +167,7 @@ def test_chunked_prefill_equals_one_shot(backend, case, split):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases(varlen=False), split=st.integers(0, 40))
 def test_prefill_then_decode_equals_one_shot(backend, case, split):
     dtype = DTYPES[0]
@@ -182,6 +190,7 @@ def test_prefill_then_decode_equals_one_shot(backend, case, split):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases())
 def test_varlen_equals_each_sequence_alone(backend, case):
     if case.seqlens is None:
@@ -201,6 +210,7 @@ def test_varlen_equals_each_sequence_alone(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases(varlen=False, flags=False))
 def test_window_zero_is_gated_slot_attention(backend, case):
     dtype = DTYPES[0]
@@ -212,6 +222,7 @@ def test_window_zero_is_gated_slot_attention(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases(varlen=False, flags=False))
 def test_no_slots_full_window_is_causal_attention(backend, case):
     dtype = DTYPES[0]
@@ -223,6 +234,7 @@ def test_no_slots_full_window_is_causal_attention(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=examples(100))
 @given(case=cases(varlen=False))
 def test_strided_inputs_and_no_mutation(backend, case):
     """Non-contiguous views give the contiguous result; the caller's arrays stay as they were."""
