@@ -26,6 +26,7 @@ class TritonBackend(Backend):
     features = configs.FEATURES
     array_kind = "torch"
     auto_devices = ("cuda",)  # on the CPU only when named: the interpreter is for testing
+    derives_s = True  # s = None: the kernels compute s = 1 - exp(g) from the gates they load anyway
 
     def devices_here(self):
         # No torch import here: the registry reads this to refuse CPU calls cheaply.

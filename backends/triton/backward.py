@@ -3,15 +3,16 @@
 Every float output element is written by exactly one program, so results do not depend on
 scheduling. Five launches, in order:
 
-1. ``nha_fwd_state_kernel`` (forward.py) recomputes the chunk states Hk_c, Hv_c and the chunk
-   cumsums Gc; only the [NC,H,K,M] + [NC,H,M,V] states and Gc [B*T,H,M] are stored.
+1. ``nha_fwd_state_kernel`` (forward.py) recomputes the chunk states Hk_c, Hv_c.
 2. ``nha_bwd_q_kernel`` grid ``(blocks, HQ)``: per BT query rows and query head, recomputes the
    slot logits Ls, the probabilities from the saved lse, ``D = rowsum(do * o)``, the slot readout
    gradient ``dov = do . Hv(t)`` and ``dLs = Ps * (dov - D)``; writes dq (window part + slot part,
-   or the slot part to dq_slot when q_slot was given) and, for the KV-side kernels, Ps, dLs,
-   ``X1 = dLs * Ls + Ps * dov`` (the <dH(t), H(t)> term of the gate gradient) and D.
-3. ``nha_bwd_state_kernel`` grid ``(N, H, cdiv(M, BM))``: reverse pass over chunks,
-   ``dH_start = exp(Gc_last) dH_end + sum_heads [scale Qs^T (dLs e^Gc) | (Ps e^Gc)^T do]``;
+   or the slot part to dq_slot when q_slot was given) and, for the KV-side kernels, Ps, dLs
+   (bfloat16 for 16-bit inputs: they only feed bf16 dots), ``X1 = dLs * Ls + Ps * dov`` (fp32,
+   the <dH(t), H(t)> term of the gate gradient) and D.
+3. ``nha_bwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` like the forward state kernel,
+   reverse pass over chunks,
+   ``dH_start = exp(Gc_last) dH_end + sum_heads [scale Qs^T (dLs e^Gc) | do^T (Ps e^Gc)]``;
    stores dH_end per chunk and dhk0/dhv0.
 4. ``nha_bwd_slot_kernel`` grid ``(blocks, H)``: per chunk and KV head, sums over the group's
    query heads the slot-branch gradients of the shifted tokens, dKs, dVs, dS, and the gate
@@ -19,7 +20,11 @@ scheduling. Five launches, in order:
    (exact: sum over later chunks of the same terms); writes them un-shifted (token p - W).
 5. ``nha_bwd_kv_kernel`` grid ``(blocks, H)``: per BT keys and KV head, walks the group's query
    blocks inside the band ``t in [j, j+W)`` (FlashAttention-2 key-side loop) for the window dk,
-   dv, adds the slot parts of step 4 and writes dk, dv once.
+   dv, adds the slot parts of step 4 and writes dk, dv once; it also writes the zero ds, dg of
+   the last W tokens of each sequence (they never reach the slots), so no output is memset.
+
+As in the forward, Gc is recomputed from g in each kernel (log2 units, exp2), s = 1 - exp(g) is
+derived in-kernel when s is None, and only the first and last band blocks are masked.
 """
 from __future__ import annotations
 
@@ -28,28 +33,56 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import (chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat,
-                      load_slot_chunk, plan)
+from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat,
+                      load_gates, load_slot_rows, load_states, lowp, plan, safe2, window_ranges)
+
+
+@triton.jit
+def dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_dq, qk2,
+             HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
+    """dq [BT, BK] (unscaled) += dS @ K for the window keys i_s .. i_s+BS."""
+    o_s = i_s + tl.arange(0, BS)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    p_ks = p_k + o_s[:, None] * HK + o_k[None, :]
+    p_vs = p_v + o_s[:, None] * HV + o_v[None, :]
+    if MASK:
+        m_s = o_s < T_n
+        b_k = tl.load(p_ks, mask=m_s[:, None] & (o_k < K)[None, :], other=0.0)           # [BS, BK]
+        b_v = tl.load(p_vs, mask=m_s[:, None] & (o_v < V)[None, :], other=0.0)           # [BS, BV]
+    else:
+        b_k = tl.load(p_ks, mask=(o_k < K)[None, :], other=0.0)
+        b_v = tl.load(p_vs, mask=(o_v < V)[None, :], other=0.0)
+    b_p = tl.exp2(tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk2 - b_lse2[:, None])  # [BT, BS]
+    if MASK:
+        m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & (o_s < T_n)[None, :]
+        b_p = tl.where(m_band, b_p, 0.0)
+    b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
+    b_ds = b_p * (b_dp - b_D[:, None])
+    return b_dq + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT)
 
 
 @triton.jit
 def nha_bwd_q_kernel(
-    q, k, v, qs, ks, s, gc, hk_c, hv_c, o, do, lse, cu, chunk_off, block_map,
+    q, k, v, qs, ks, g, s, hk_c, hv_c, o, do, lse, cu, chunk_off, block_map,
     dq, dq_slot, ps_buf, dls_buf, x1_buf, d_buf,
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, HAS_QSLOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, HAS_QSLOT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """dq [B*T,HQ,K] (and dq_slot); Ps, dLs, X1 [B*T,HQ,M] fp32; D [B*T,HQ] fp32."""
+    """dq [B*T,HQ,K] (and dq_slot); Ps, dLs [B*T,HQ,M] (bf16 or fp32), X1 [B*T,HQ,M] fp32;
+    D [B*T,HQ] fp32."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // G
     i_n = tl.load(block_map + i_b * 2).to(tl.int64)
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
-    o_t = i_c * BT + tl.arange(0, BT)
+    t0 = i_c * BT
+    o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T_n
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -58,6 +91,7 @@ def nha_bwd_q_kernel(
     r_t = bos + o_t
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
+    qk2 = scale * 1.4426950408889634
     b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0)      # [BT, BK]
     b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)    # [BT, BV]
     b_o = tl.load(o + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)
@@ -68,68 +102,71 @@ def nha_bwd_q_kernel(
         p_lse = lse + (i_n * HQ + i_hq) * T_lse + o_t
     b_lse = tl.load(p_lse, mask=m_t, other=0.0)
     # rows with no logit at all (M = 0, W = 0) have lse = -inf and no gradient
-    b_lse = tl.where(b_lse == float("-inf"), float("inf"), b_lse)
+    b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
     tl.store(d_buf + r_t * HQ + i_hq, b_D, mask=m_t)
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SLOTS:
         c0 = tl.load(chunk_off + i_n).to(tl.int64)
-        b_ks, b_vs, b_sx, b_gc, b_hk, b_hv = load_slot_chunk(
-            ks, v, s, gc, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W, H, K, V, M, BT, BK, BV, BM)
-        b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        b_dof = b_do.to(tl.float32)
-        b_eg = tl.exp(b_gc)
-        b_a = tl.dot(b_qs, tl.trans(b_ks), input_precision=DOT)                                 # [BT, BT]
-        b_ls = tl.dot(b_qs, b_hk, input_precision=DOT) * b_eg
-        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE_LIMIT, DOT)) * scale               # [BT, BM]
-        b_ps = tl.where(m_m[None, :], tl.exp(b_ls - b_lse[:, None]), 0.0)
-        b_adv = tl.dot(b_dof, tl.trans(b_vs), input_precision=DOT)                              # [BT, BT]
-        b_dov = tl.dot(b_dof, tl.trans(b_hv), input_precision=DOT) * b_eg
-        b_dov += decay_apply(b_adv, b_sx, b_gc, BT, SAFE_LIMIT, DOT)                             # [BT, BM]
+        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+        b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0), LOWP)
+        b_dof = _op(b_do, LOWP)
+        b_eg = tl.exp2(b_gc)
+        b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                        # [BT, BT]
+        b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT) * b_eg
+        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT)) * qk2                   # [BT, BM] log2
+        b_ps = tl.exp2(b_ls - b_lse2[:, None])
+        if M < BM:
+            b_ps = tl.where(m_m[None, :], b_ps, 0.0)
+        b_adv = tl.dot(b_dof, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)                    # [BT, BT]
+        b_dov = tl.dot(b_dof, tl.trans(_op(b_hv, LOWP)), input_precision=DOT) * b_eg
+        b_dov += decay_apply(b_adv, b_sx, b_gc, BT, SAFE2, LOWP, DOT)                              # [BT, BM]
         b_dls = b_ps * (b_dov - b_D[:, None])
-        b_dqs = tl.dot(b_dls * b_eg, tl.trans(b_hk), input_precision=DOT)
-        b_dqs += tl.dot(decay_weights(b_dls, b_sx, b_gc, BT, SAFE_LIMIT, DOT), b_ks, input_precision=DOT)
-        b_dqs *= scale                                                                           # [BT, BK]
         m_tm = m_t[:, None] & m_m[None, :]
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        tl.store(ps_buf + o_tm, b_ps, mask=m_tm)
-        tl.store(dls_buf + o_tm, b_dls, mask=m_tm)
-        tl.store(x1_buf + o_tm, b_dls * b_ls + b_ps * b_dov, mask=m_tm)
+        tl.store(ps_buf + o_tm, b_ps.to(ps_buf.dtype.element_ty), mask=m_tm)
+        tl.store(dls_buf + o_tm, b_dls.to(dls_buf.dtype.element_ty), mask=m_tm)
+        tl.store(x1_buf + o_tm, b_dls * (b_ls * 0.6931471805599453) + b_ps * b_dov, mask=m_tm)
+        b_dqs = tl.dot(_op(b_dls * b_eg, LOWP), tl.trans(_op(b_hk, LOWP)), input_precision=DOT)
+        b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_ks, LOWP),
+                        input_precision=DOT)
         if HAS_QSLOT:
             tl.store(dq_slot + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                     b_dqs.to(dq_slot.dtype.element_ty), mask=m_tk)
+                     (b_dqs * scale).to(dq_slot.dtype.element_ty), mask=m_tk)
         else:
             b_dq += b_dqs
 
     if W > 0:
-        lo = tl.maximum(i_c * BT - W + 1, 0)
-        hi = tl.minimum(i_c * BT + BT, T_n)
-        for i_s in range((lo // BS) * BS, hi, BS):
-            o_s = i_s + tl.arange(0, BS)
-            m_s = o_s < T_n
-            r_s = bos + o_s
-            b_k = tl.load(k + (r_s[:, None] * H + i_h) * K + o_k[None, :],
-                          mask=m_s[:, None] & m_k[None, :], other=0.0)                         # [BS, BK]
-            b_v = tl.load(v + (r_s[:, None] * H + i_h) * V + o_v[None, :],
-                          mask=m_s[:, None] & m_v[None, :], other=0.0)                         # [BS, BV]
-            b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale                     # [BT, BS]
-            m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & m_s[None, :]
-            b_p = tl.where(m_band, tl.exp(b_sc - b_lse[:, None]), 0.0)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT)
-            b_ds = b_p * (b_dp - b_D[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT) * scale
-    tl.store(dq + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+        b_w = tl.zeros([BT, BK], dtype=tl.float32)
+        p_k = k + (bos * H + i_h) * K
+        p_v = v + (bos * H + i_h) * V
+        lo, a, b0, b1, c, hi = window_ranges(t0, T_n, W, BT, BS)
+        for i_s in range(lo, a, BS):
+            b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
+                           H * K, H * V, K, V, BS, BK, BV, True, DOT)
+        for i_s in range(b0, b1, BS):
+            b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
+                           H * K, H * V, K, V, BS, BK, BV, False, DOT)
+        for i_s in range(c, hi, BS):
+            b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
+                           H * K, H * V, K, V, BS, BK, BV, True, DOT)
+        b_dq += b_w
+    tl.store(dq + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+             mask=m_tk)
 
 
 @triton.jit
 def nha_bwd_state_kernel(
-    qs, do, gc, ps_buf, dls_buf, dh_k, dh_v, dhk0, dhv0, cu, chunk_off,
-    scale, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    qs, do, g, ps_buf, dls_buf, dh_k, dh_v, dhk0, dhv0, cu, chunk_off,
+    scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_H0: tl.constexpr, DOT: tl.constexpr,
+    HAS_H0: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """dh_k [NC,H,K,M], dh_v [NC,H,M,V]: gradient w.r.t. the state AFTER each chunk."""
+    """dh_k [NC,H,K,M], dh_v [NC,H,M,V]: gradient w.r.t. the state AFTER each chunk (slots
+    i_m*BM ..); dhk0, dhv0 [N,H,..] fp32."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
@@ -148,29 +185,28 @@ def nha_bwd_state_kernel(
     for i_r in range(0, NT):
         i_c = NT - 1 - i_r
         i_state = (c0 + i_c) * H + i_h
-        tl.store(dh_k + i_state * K * M + o_km, b_dhk, mask=m_km)
-        tl.store(dh_v + i_state * M * V + o_mv, b_dhv, mask=m_mv)
+        tl.store(dh_k + i_state * K * M + o_km, b_dhk.to(dh_k.dtype.element_ty), mask=m_km)
+        tl.store(dh_v + i_state * M * V + o_mv, b_dhv.to(dh_v.dtype.element_ty), mask=m_mv)
+        b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, False, G_FLOOR)
+        b_eg = tl.exp2(b_gc)
         o_t = i_c * BT + tl.arange(0, BT)
         m_t = o_t < T_n
         r_t = bos + o_t
         m_tm = m_t[:, None] & m_m[None, :]
-        b_gc = tl.load(gc + (r_t[:, None] * H + i_h) * M + o_m[None, :], mask=m_tm, other=0.0)   # [BT, BM]
-        r_last = bos + tl.minimum(i_c * BT + BT, T_n) - 1
-        b_glast = tl.load(gc + (r_last * H + i_h) * M + o_m, mask=m_m, other=0.0)                # [BM]
-        b_eg = tl.exp(b_gc)
-        b_dhk *= tl.exp(b_glast)[None, :]
-        b_dhv *= tl.exp(b_glast)[:, None]
+        b_a = tl.exp2(b_glast)
+        b_dhk *= b_a[None, :]
+        b_dhv *= b_a[:, None]
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
             o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
             b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                           mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)        # [BT, BK]
+                           mask=m_t[:, None] & m_k[None, :], other=0.0)                          # [BT, BK]
             b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
-                           mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)        # [BT, BV]
-            b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0)                              # [BT, BM]
-            b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0)
-            b_dhk += tl.dot(tl.trans(b_qs), b_dls * b_eg, input_precision=DOT) * scale
-            b_dhv += tl.dot(tl.trans(b_ps * b_eg), b_do, input_precision=DOT)
+                           mask=m_t[:, None] & m_v[None, :], other=0.0)                          # [BT, BV]
+            b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                 # [BT, BM]
+            b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
+            b_dhk += tl.dot(tl.trans(_op(b_qs, LOWP)), _op(b_dls * b_eg, LOWP), input_precision=DOT) * scale
+            b_dhv += tl.dot(tl.trans(_op(b_ps * b_eg, LOWP)), _op(b_do, LOWP), input_precision=DOT)
     if HAS_H0:
         tl.store(dhk0 + (i_n * H + i_h) * K * M + o_km, b_dhk, mask=m_km)
         tl.store(dhv0 + (i_n * H + i_h) * M * V + o_mv, b_dhv, mask=m_mv)
@@ -178,15 +214,15 @@ def nha_bwd_state_kernel(
 
 @triton.jit
 def nha_bwd_slot_kernel(
-    qs, ks, v, s, do, gc, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
+    qs, ks, v, g, s, do, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
     dks, dvs, ds, dg,
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr,
+    HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
     """Slot-branch gradients of the chunk's shifted tokens, stored at their tokens p - W:
-    dks [B*T,H,K], dvs [B*T,H,V], ds, dg [B*T,H,M] (all fp32)."""
+    dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(block_map + i_b * 2).to(tl.int64)
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
@@ -200,52 +236,48 @@ def nha_bwd_slot_kernel(
     o_v = tl.arange(0, BV)
     o_m = tl.arange(0, BM)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    m_km = m_k[:, None] & m_m[None, :]
-    m_mv = m_m[:, None] & m_v[None, :]
-    b_ks, b_vs, b_sx, b_gc, b_hk, b_hv = load_slot_chunk(
-        ks, v, s, gc, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W, H, K, V, M, BT, BK, BV, BM)
     i_state = (c0 + i_c) * H + i_h
-    b_dhk = tl.load(dh_k + i_state * K * M + o_k[:, None] * M + o_m[None, :], mask=m_km, other=0.0)  # [BK, BM]
-    b_dhv = tl.load(dh_v + i_state * M * V + o_m[:, None] * V + o_v[None, :], mask=m_mv, other=0.0)  # [BM, BV]
-    # the state after this chunk (only read when a later chunk exists: dH_end is 0 otherwise)
-    has_next = i_c * BT + BT < T_n
-    i_next = tl.where(has_next, i_state + H, i_state)
-    f_next = tl.where(has_next, 1.0, 0.0)
-    b_hkn = tl.load(hk_c + i_next * K * M + o_k[:, None] * M + o_m[None, :], mask=m_km, other=0.0) * f_next
-    b_hvn = tl.load(hv_c + i_next * M * V + o_m[:, None] * V + o_v[None, :], mask=m_mv, other=0.0) * f_next
-    r_last = bos + tl.minimum(i_c * BT + BT, T_n) - 1
-    b_glast = tl.load(gc + (r_last * H + i_h) * M + o_m, mask=m_m, other=0.0)                    # [BM]
+    # the carry <dH_end, H_next> first, so the four state tiles die before the heavy part
+    b_dhk, b_dhv = load_states(dh_k, dh_v, i_state, K, V, M, BK, BV, BM)
+    has_next = i_c * BT + BT < T_n        # dH_end is 0 after the last chunk
+    b_hkn, b_hvn = load_states(hk_c, hv_c, tl.where(has_next, i_state + H, i_state), K, V, M, BK, BV, BM)
+    b_carry = tl.sum(b_dhk.to(tl.float32) * b_hkn.to(tl.float32), 0) \
+        + tl.sum(b_dhv.to(tl.float32) * b_hvn.to(tl.float32), 1)                                   # [BM]
+    b_carry = tl.where(has_next, b_carry, 0.0)
 
+    b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+    # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
+    b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
-    b_wend = b_sx * tl.exp(b_glast[None, :] - b_gc)                                             # [BT, BM]
-    b_dks = tl.dot(b_wend, tl.trans(b_dhk), input_precision=DOT)                                # [BT, BK]
-    b_dvs = tl.dot(b_wend, b_dhv, input_precision=DOT)                                          # [BT, BV]
-    b_ds = (tl.dot(b_ks, b_dhk, input_precision=DOT) + tl.dot(b_vs, tl.trans(b_dhv), input_precision=DOT)) \
-        * tl.exp(b_glast[None, :] - b_gc)                                                       # [BT, BM]
+    b_dec = tl.exp2(b_glast[None, :] - b_gc)                                                     # [BT, BM]
+    b_wend = _op(b_sx * b_dec, LOWP)
+    b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP)), input_precision=DOT)                    # [BT, BK]
+    b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP), input_precision=DOT)                              # [BT, BV]
+    b_ds = (tl.dot(_op(b_ks, LOWP), _op(b_dhk, LOWP), input_precision=DOT)
+            + tl.dot(_op(b_vs, LOWP), tl.trans(_op(b_dhv, LOWP)), input_precision=DOT)) * b_dec         # [BT, BM]
     b_x1 = tl.zeros([BT, BM], dtype=tl.float32)
     m_tm = m_t[:, None] & m_m[None, :]
     for i_g in range(0, G):
         i_hq = i_h * G + i_g
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                       mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)            # [BT, BK]
-        b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
-                       mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)            # [BT, BV]
-        b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0)                                  # [BT, BM]
-        b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0)
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+                           mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
+        b_do = _op(tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
+                           mask=m_t[:, None] & m_v[None, :], other=0.0), LOWP)              # [BT, BV]
+        b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                  # [BT, BM]
+        b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
         b_x1 += tl.load(x1_buf + o_tm, mask=m_tm, other=0.0)
         # readouts at t >= j inside the chunk
-        b_a = tl.dot(b_qs, tl.trans(b_ks), input_precision=DOT)                                 # [BT, BT]
-        b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE_LIMIT, DOT) * scale
-        b_a = tl.dot(b_do, tl.trans(b_vs), input_precision=DOT)
-        b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE_LIMIT, DOT)
-        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE_LIMIT, DOT)                             # [BT(t), BT(j)]
-        b_dks += tl.dot(tl.trans(b_w), b_qs, input_precision=DOT) * scale
-        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE_LIMIT, DOT)
-        b_dvs += tl.dot(tl.trans(b_w), b_do, input_precision=DOT)
+        b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                      # [BT, BT]
+        b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT) * scale
+        b_a = tl.dot(b_do, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)
+        b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE2, LOWP, DOT)
+        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP, DOT)                             # [BT(t), BT(j)]
+        b_dks += tl.dot(tl.trans(_op(b_w, LOWP)), b_qs, input_precision=DOT) * scale
+        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP, DOT)
+        b_dvs += tl.dot(tl.trans(_op(b_w, LOWP)), b_do, input_precision=DOT)
 
     # gate: dGt[p] = sum_{p' >= p} (X1 - S dS)[p'], the part beyond this chunk is <dH_end, H_next>
-    b_carry = tl.sum(b_dhk * b_hkn, 0) + tl.sum(b_dhv * b_hvn, 1)                              # [BM]
     b_dg = tl.cumsum(b_x1 - b_sx * b_ds, 0, reverse=True) + b_carry[None, :]
 
     o_j = o_t - W
@@ -254,25 +286,54 @@ def nha_bwd_slot_kernel(
     tl.store(dks + (r_j[:, None] * H + i_h) * K + o_k[None, :], b_dks, mask=m_j[:, None] & m_k[None, :])
     tl.store(dvs + (r_j[:, None] * H + i_h) * V + o_v[None, :], b_dvs, mask=m_j[:, None] & m_v[None, :])
     m_jm = m_j[:, None] & m_m[None, :]
-    tl.store(ds + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_ds, mask=m_jm)
-    tl.store(dg + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_dg, mask=m_jm)
+    tl.store(ds + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_ds.to(ds.dtype.element_ty), mask=m_jm)
+    tl.store(dg + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_dg.to(dg.dtype.element_ty), mask=m_jm)
+
+
+@triton.jit
+def dkv_block(b_k, b_v, p_q, p_do, p_lse, p_D, i_t, o_s, T_n, W, b_dk, b_dv, qk2, scale,
+              HQK: tl.constexpr, HQV: tl.constexpr, HQ: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+              BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr, DOT: tl.constexpr):
+    """dk, dv [BT, *] += the window terms of the queries i_t .. i_t+BT."""
+    o_t = i_t + tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    if MASK:
+        m_t = o_t < T_n
+    else:
+        m_t = o_t >= 0
+    b_q = tl.load(p_q + o_t[:, None] * HQK + o_k[None, :], mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)
+    b_do = tl.load(p_do + o_t[:, None] * HQV + o_v[None, :], mask=m_t[:, None] & (o_v < V)[None, :], other=0.0)
+    b_lse2 = tl.load(p_lse + o_t, mask=m_t, other=0.0) * 1.4426950408889634                     # [BT]
+    b_D = tl.load(p_D + o_t * HQ, mask=m_t, other=0.0)
+    b_pt = tl.exp2(tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * qk2 - b_lse2[None, :])     # [BT(s), BT(t)]
+    if MASK:
+        m_band = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + W) & m_t[None, :]
+        b_pt = tl.where(m_band, b_pt, 0.0)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
+    b_dst = b_pt * (b_dpt - b_D[None, :])
+    b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
+    b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT) * scale
+    return b_dk, b_dv
 
 
 @triton.jit
 def nha_bwd_kv_kernel(
-    q, k, v, do, lse, d_buf, dks, dvs, cu, block_map, dk, dv,
+    q, k, v, do, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr,
-    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    ADD_KS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
 ):
-    """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs."""
+    """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs;
+    zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(block_map + i_b * 2).to(tl.int64)
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
-    o_s = i_c * BT + tl.arange(0, BT)           # this program's keys
+    s0 = i_c * BT
+    o_s = s0 + tl.arange(0, BT)           # this program's keys
     m_s = o_s < T_n
     r_s = bos + o_s
     o_k = tl.arange(0, BK)
@@ -280,53 +341,69 @@ def nha_bwd_kv_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_sk = m_s[:, None] & m_k[None, :]
     m_sv = m_s[:, None] & m_v[None, :]
+    qk2 = scale * 1.4426950408889634
     b_k = tl.load(k + (r_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)       # [BT, BK]
     b_v = tl.load(v + (r_s[:, None] * H + i_h) * V + o_v[None, :], mask=m_sv, other=0.0)       # [BT, BV]
-    b_dk = tl.zeros([BT, BK], dtype=tl.float32)
-    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    # the slot parts seed the accumulators (loaded after the window loop they stayed live
+    # through it and doubled the register spills)
+    if HAS_SLOTS:
+        m_slot = m_s & (o_s + W < T_n)      # tokens that reached the slots
+        b_dv = tl.load(dvs + (r_s[:, None] * H + i_h) * V + o_v[None, :],
+                       mask=m_slot[:, None] & m_v[None, :], other=0.0)                           # [BT, BV]
+        if ADD_KS:
+            b_dk = tl.load(dks + (r_s[:, None] * H + i_h) * K + o_k[None, :],
+                           mask=m_slot[:, None] & m_k[None, :], other=0.0)                       # [BT, BK]
+        else:
+            b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        o_m = tl.arange(0, BM)
+        m_tail = (m_s & (o_s + W >= T_n))[:, None] & (o_m < M)[None, :]
+        o_sm = (r_s[:, None] * H + i_h) * M + o_m[None, :]
+        b_zero = tl.zeros([BT, BM], dtype=tl.float32)
+        tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
+        tl.store(dg + o_sm, b_zero.to(dg.dtype.element_ty), mask=m_tail)
+    else:
+        b_dk = tl.zeros([BT, BK], dtype=tl.float32)
+        b_dv = tl.zeros([BT, BV], dtype=tl.float32)
     if W > 0:
-        # queries that see key j: t in [j, j + W)
-        hi = tl.minimum(i_c * BT + BT - 1 + W, T_n)
+        # queries that see key j: t in [j, j + W); one masked loop (the mask is a few compares
+        # next to four dots per block)
+        hi = tl.minimum(s0 + BT - 1 + W, T_n)
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
-            for i_t in range(i_c * BT, hi, BT):
-                o_t = i_t + tl.arange(0, BT)
-                m_t = o_t < T_n
-                r_t = bos + o_t
-                b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                              mask=m_t[:, None] & m_k[None, :], other=0.0)                     # [BT, BK]
-                b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
-                               mask=m_t[:, None] & m_v[None, :], other=0.0)                    # [BT, BV]
-                if IS_VARLEN:
-                    p_lse = lse + i_hq * T_lse + bos + o_t
-                else:
-                    p_lse = lse + (i_n * HQ + i_hq) * T_lse + o_t
-                b_lse = tl.load(p_lse, mask=m_t, other=0.0)
-                b_D = tl.load(d_buf + r_t * HQ + i_hq, mask=m_t, other=0.0)
-                b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT) * scale                 # [BT(s), BT(t)]
-                m_band = (o_t[None, :] >= o_s[:, None]) & (o_t[None, :] < o_s[:, None] + W) & m_t[None, :]
-                b_pt = tl.where(m_band, tl.exp(b_st - b_lse[None, :]), 0.0)
-                b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT)
-                b_dst = b_pt * (b_dpt - b_D[None, :])
-                b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT)
-                b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT) * scale
-    b_dv += tl.load(dvs + (r_s[:, None] * H + i_h) * V + o_v[None, :], mask=m_sv, other=0.0)
-    if ADD_KS:
-        b_dk += tl.load(dks + (r_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)
+            p_q = q + (bos * HQ + i_hq) * K
+            p_do = do + (bos * HQ + i_hq) * V
+            if IS_VARLEN:
+                p_lse = lse + i_hq * T_lse + bos
+            else:
+                p_lse = lse + (i_n * HQ + i_hq) * T_lse
+            p_D = d_buf + bos * HQ + i_hq
+            for i_t in range(s0, hi, BT):
+                b_dk, b_dv = dkv_block(b_k, b_v, p_q, p_do, p_lse, p_D, i_t, o_s, T_n, W, b_dk, b_dv, qk2, scale,
+                                       HQ * K, HQ * V, HQ, K, V, BT, BK, BV, True, DOT)
     tl.store(dk + (r_s[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_sk)
     tl.store(dv + (r_s[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_sv)
 
 
 def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
-    """(dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0); see nha_core.registry for shapes."""
+    """(dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0); see nha_core.registry for shapes.
+    ``s`` None means s = 1 - exp(g) (computed in the kernels); ds is then the gradient w.r.t.
+    that derived s (the API chains it into dg)."""
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
     cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.pad(M)
+    # bf16 slot dots in the backward cost the gate gradient its accuracy: dg is a reverse
+    # cumsum of X1 - S dS, whose terms nearly cancel, and bf16 rounding of the operands on both
+    # sides left dg at 2.3e-2 (> SPEC's 2e-2) on a small fp16 case where fp32 gave 5e-3. So the
+    # backward keeps fp32 states and TF32 slot dots (configs.BWD_BF16_SLOTS switches).
+    LOWP = lowp(p) and configs.BWD_BF16_SLOTS
     DOT = dot_precision(p)
-    warps = configs.num_warps(K, V, M)
-    qf, kf, vf, gf, sf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H), flat(s, H)
+    SAFE2 = safe2()
+    warps = configs.bwd_num_warps(K, V, M)
+    stages = configs.num_stages(K, V, M)
+    qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
+    sf = flat(s, H) if s is not None else None
     dof, of = flat(do, HQ), flat(o, HQ)
     lse = lse.contiguous()
     qsf = flat(q_slot, HQ) if q_slot is not None else qf
@@ -334,59 +411,64 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
     has_slots = M > 0 and T > 0
+    bdt = torch.bfloat16 if LOWP else torch.float32     # Ps, dLs, dH: only ever dot operands
 
     dq = torch.empty(B * T, HQ, K, dtype=dt, device=dev)
     dq_slot = torch.zeros(B * T, HQ, K, dtype=dt, device=dev) if q_slot is not None else None
     dk = torch.empty(B * T, H, K, dtype=dt, device=dev)
     dv = torch.empty(B * T, H, V, dtype=dt, device=dev)
-    # tokens that never reach the slots (the last W of each sequence) keep these zeros
-    dks = torch.zeros(B * T, H, K, **f32)
-    dvs = torch.zeros(B * T, H, V, **f32)
-    ds = torch.zeros(B * T, H, M, **f32)
-    dg = torch.zeros(B * T, H, M, **f32)
+    # the slot kernel writes the tokens that reach the slots, the kv kernel zeros the rest of
+    # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
+    dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
+    dvs = torch.empty(B * T, H, V, **f32)
+    ds = torch.empty(B * T, H, M, dtype=dt, device=dev)
+    dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
     d_buf = torch.empty(B * T, HQ, **f32)
     dhk0 = torch.zeros(p.N, H, K, M, **f32) if hk0 is not None else None
     dhv0 = torch.zeros(p.N, H, M, V, **f32) if hk0 is not None else None
+    s_arg = sf if sf is not None else gf
 
     if has_slots:
-        hk_c, hv_c, gc, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT, False)
-        ps_buf = torch.empty(B * T, HQ, M, **f32)
-        dls_buf = torch.empty(B * T, HQ, M, **f32)
+        hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT, False, LOWP)
+        ps_buf = torch.empty(B * T, HQ, M, dtype=bdt, device=dev)
+        dls_buf = torch.empty(B * T, HQ, M, dtype=bdt, device=dev)
         x1_buf = torch.empty(B * T, HQ, M, **f32)
     else:
-        hk_c = hv_c = gc = ps_buf = dls_buf = x1_buf = dks
+        hk_c = hv_c = ps_buf = dls_buf = x1_buf = dvs
     if NB > 0 and T > 0:
         nha_bwd_q_kernel[(NB, HQ)](
-            qf, kf, vf, qsf, ksf, sf, gc, hk_c, hv_c, of, dof, lse, cu, chunk_off, block_map,
+            qf, kf, vf, qsf, ksf, gf, s_arg, hk_c, hv_c, of, dof, lse, cu, chunk_off, block_map,
             dq, dq_slot if dq_slot is not None else dq, ps_buf, dls_buf, x1_buf, d_buf,
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BT, BK, BV, BM,
-            has_slots, q_slot is not None, cu_seqlens is not None, configs.SAFE_LIMIT, DOT,
-            num_warps=warps,
+            has_slots, sf is not None, q_slot is not None, cu_seqlens is not None,
+            configs.G_FLOOR, SAFE2, LOWP, DOT,
+            num_warps=warps, num_stages=stages,
         )
     if has_slots:
-        dh_k = torch.empty(NC, H, K, M, **f32)
-        dh_v = torch.empty(NC, H, M, V, **f32)
+        dh_k = torch.empty(NC, H, K, M, dtype=bdt, device=dev)
+        dh_v = torch.empty(NC, H, M, V, dtype=bdt, device=dev)
         BMS = configs.state_slot_tile(M)
         nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
-            qsf, dof, gc, ps_buf, dls_buf, dh_k, dh_v,
+            qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v,
             dhk0 if dhk0 is not None else dh_k, dhv0 if dhv0 is not None else dh_v, cu, chunk_off,
-            p.scale, HQ, H, G, K, V, M, BT, BK, BV, BMS, hk0 is not None, DOT,
-            num_warps=configs.num_warps(K, V, BMS),
+            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BMS, hk0 is not None, configs.G_FLOOR, LOWP, DOT,
+            num_warps=4,
         )
         nha_bwd_slot_kernel[(NB, H)](
-            qsf, ksf, vf, sf, dof, gc, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
+            qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, configs.SAFE_LIMIT, DOT,
+            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, configs.G_FLOOR, SAFE2,
+            LOWP, DOT,
             num_warps=warps,
         )
     if NB > 0 and T > 0:
         nha_bwd_kv_kernel[(NB, H)](
-            qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv,
-            p.scale, p.W, T, HQ, H, G, K, V, BT, BK, BV,
-            k_slot is None, cu_seqlens is not None, DOT,
-            num_warps=warps,
+            qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
+            p.scale, p.W, T, HQ, H, G, K, V, M, BT, BK, BV, BM,
+            has_slots, k_slot is None, cu_seqlens is not None, DOT,
+            num_warps=configs.kv_num_warps(K, V), num_stages=stages,
         )
     shape = lambda x, heads: x.reshape(B, T, heads, x.shape[-1])
     dk_slot = shape(dks, H).to(dt) if k_slot is not None else None
-    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H).to(dt), shape(ds, H).to(dt),
+    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), shape(ds, H),
             shape(dq_slot, HQ) if dq_slot is not None else None, dk_slot, dhk0, dhv0)

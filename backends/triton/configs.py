@@ -2,7 +2,8 @@
 
 Tuning is data with reasons: every number below names the limit it respects. Tile names are the
 ones the kernels use (``BT`` query rows = slot chunk, ``BS`` window key rows, ``BK``/``BV``/``BM``
-the padded key, value and slot dims).
+the padded key, value and slot dims, ``BD``/``BMS`` the state tiles of the sequential kernels).
+The functions are looked up at call time, so a tuning script can replace them (monkeypatch).
 """
 from nha_core.registry import ALL_FEATURES
 
@@ -13,8 +14,8 @@ DTYPES = ("float16", "bfloat16", "float32")
 # K, V <= 256: the main kernel keeps a [BT, BK] query tile, a [BK, BM] slot-key state and a
 # [BT, BV] accumulator in registers; past 256 they spill even with BT = 16.
 MAX_HEAD_DIM = 256
-# M <= 256: the chunk-state kernel tiles M (BM_STATE below); the main kernels hold [BT, BM] slot
-# logits and a [BK, BM] state tile, which past 256 no longer fits registers.
+# M <= 256: the chunk-state kernels tile M; the main kernels hold [BT, BM] slot logits and a
+# [BK, BM] state tile, which past 256 no longer fits registers.
 MAX_SLOTS = 256
 FEATURES = ALL_FEATURES
 
@@ -23,10 +24,19 @@ FEATURES = ALL_FEATURES
 # keeps every cumsum finite, so segment sums are differences of finite numbers (never -inf - -inf).
 G_FLOOR = -200.0
 # The intra-chunk slot terms use the factored decay exp(Gc[t]) * exp(-Gc[j]) (two dots on tensor
-# cores) when every chunk cumsum lies in [-SAFE_LIMIT, SAFE_LIMIT]: exp(40) ~ 2e17 leaves 1e21 of
-# float32 headroom (max ~3e38) for sums of products of logits and weights. Otherwise the kernel
-# takes the explicit per-pair path (slower, always finite).
+# cores) when every chunk cumsum lies in [-SAFE_LIMIT, SAFE_LIMIT] (natural-log units):
+# exp(40) ~ 2e17 leaves 1e21 of float32/bfloat16 headroom (max ~3e38) for sums of products of
+# logits and weights. Otherwise the kernel takes the explicit per-pair path (slower, always finite).
 SAFE_LIMIT = 40.0
+
+# bf16 operands for the backward's slot dots (and bf16 Ps, dLs, dH buffers). Off: the gate
+# gradient is a sum of nearly cancelling terms and lost its 2e-2 bound with bf16 rounding on a
+# small fp16 case (2.3e-2; fp32 operands 5e-3), so the backward keeps TF32 slot dots.
+BWD_BF16_SLOTS = False
+
+# Forward window loop in three parts (masked, full blocks without masks, masked) instead of one
+# masked loop over every block of the band.
+WINDOW_SPLIT = True
 
 
 def next_pow2(n: int) -> int:
@@ -42,9 +52,9 @@ def chunk_rows(K: int, V: int, M: int) -> int:
     """BT: query rows per program = slot-chunk length (both kernels share the chunk boundaries).
 
     64 rows feed the H100 tensor cores well (one 64-row wgmma) while the slot tiles
-    [BT, BM] x 4 (logits, cumsum, weights, decays) plus [BK, BM] + [BM, BV] fp32 states stay
-    within 255 registers per thread at 4 warps for K, V, M <= 64. Larger dims halve BT to keep
-    the same register budget.
+    [BT, BM] x 4 (logits, cumsum, weights, decays) plus [BK, BM] + [BM, BV] states stay
+    within 255 registers per thread for K, V, M <= 64. Larger dims halve BT to keep the same
+    register budget.
     """
     big = max(pad(K), pad(V), pad(M))
     if big <= 64:
@@ -62,19 +72,65 @@ def window_rows(K: int, V: int) -> int:
 
 
 def num_warps(K: int, V: int, M: int) -> int:
-    """4 warps while the register tiles above fit; 8 for wide heads so nothing spills."""
+    """Forward main kernel and decode: 4 warps. At gpu-a on an H200 the forward kernel ran 0.60 ms
+    with 4 warps against 1.14 with 8, although 4 warps spill some of the slot-branch tiles
+    (255 registers, 512 B of stack): 8 warps keep one 240-register program per SM, too little
+    to hide the window loop's latency. Wider tiles (> 64, untimed) keep 8 so they fit."""
     return 4 if max(pad(K), pad(V), pad(M)) <= 64 else 8
 
 
+def decode_num_warps(K: int, V: int) -> int:
+    """Decode: 4 warps with 32-row ring blocks were the fastest of the four tried at the decode
+    shape (K = V = 128) on an H200; 8 for 256-wide heads."""
+    return 4 if max(pad(K), pad(V)) <= 128 else 8
+
+
+def num_stages(K: int, V: int, M: int) -> int:
+    """Software-pipelining depth of the window loops: 3 stages of [BS, BK] + [BS, BV] bf16 tiles
+    (16 KiB each at K = V = 64) ran 3% faster than 2 at gpu-a; 2 past K = 128 (shared memory)."""
+    return 3 if max(pad(K), pad(V)) <= 64 else 2
+
+
+def bwd_num_warps(K: int, V: int, M: int) -> int:
+    """bwd_q and bwd_slot hold about twice the forward's live [BT, *] tiles (probabilities, their
+    gradients, decays, the state gradients) and spill kilobytes at 4 warps (3.4 KiB of stack for
+    the slot kernel); 8 warps cut that to ~1 KiB."""
+    return 8
+
+
+def kv_num_warps(K: int, V: int) -> int:
+    """The key-side window kernel is FlashAttention-2's dk/dv loop: 4 warps (it ran 0.91 ms at
+    gpu-a with 4, 1.15 with 8 on an H200)."""
+    return 4
+
+
 def state_slot_tile(M: int) -> int:
-    """BM for the sequential chunk-state kernels: slots are independent columns of Hk and rows of
-    Hv, so the grid splits M into tiles of <= 64 (more programs in flight: B*H alone is ~128 at
-    the benchmark shapes, below the 132 SMs of an H100) and the [BK, BM] + [BM, BV] fp32 states
-    stay <= 32K floats at K = V = 256."""
-    return min(pad(M), 64)
+    """BMS for the sequential chunk-state kernels: slots are independent columns of Hk and rows
+    of Hv, so the grid splits M into tiles (more programs in flight: B*H alone is 128 at gpu-a,
+    below the 132 SMs, each program a 64-step sequential chain). 32 ran 0.216 ms at gpu-a on an
+    H200 (16: 0.248, 64: 0.249; the previous unsplit BM = 64 kernel 0.66). A split of Hk and Hv
+    into separate [32, 32] tiles (1024 programs) ran 1.08 ms: every tile re-derived the gates and
+    its strides were run-time values, so its loads and stores were not vectorised.
+    Never below 32 (M <= 16 is padded and masked): see slot_tile."""
+    return 32
+
+
+def slot_tile(M: int, low: bool) -> int:
+    """BM of the main forward kernel. With bfloat16 slot dots it is at least 32: the one GPU
+    test case with BM = 16 at BT = 64 (M = 16, bf16, GQA 4, varlen) gave wrong and sometimes
+    non-finite outputs that varied between processes, while the same case in fp32 (TF32 dots),
+    the same kernel under the interpreter and BM = 16 at BT = 16 (K = 256) were right; the
+    suspect is the 64 x 16 bf16 wgmma tile. Padded slots are masked (logit -inf, write 0)."""
+    return max(32, pad(M)) if low else pad(M)
 
 
 def decode_window_rows(K: int, V: int) -> int:
-    """Ring-buffer rows per decode step: 64 rows of K = V = 128 bf16 are 32 KiB per load, enough
-    bytes in flight per SM to approach HBM bandwidth; halved for 256-wide heads (registers)."""
-    return 64 if max(pad(K), pad(V)) <= 128 else 32
+    """Ring-buffer rows per decode step: 32 rows (16 KiB of K = V = 128 bf16 per step, 3 steps in
+    flight) ran 172 us at the decode shape on an H200 (3.5 TB/s), against 187 us for 64 rows;
+    16 past 128-wide heads (registers)."""
+    return 32 if max(pad(K), pad(V)) <= 128 else 16
+
+
+def decode_num_stages(K: int, V: int) -> int:
+    """Ring blocks in flight per decode program: the loop is a pure stream over the cache."""
+    return 3

@@ -10,14 +10,21 @@ window ``(t-W, t]``::
 
 Kernels (one sequence of the packed batch is ``bos .. eos``; chunks of ``BT`` shifted tokens):
 
-* ``nha_fwd_state_kernel`` grid ``(N, H, cdiv(M, BM))``: sequential over chunks, writes the slot
-  states at every chunk start, Hk_c [K,M] and Hv_c [M,V] (fp32), the chunk-local cumsum of the
-  clamped shifted gates Gc [B*T,H,M] (fp32; every later kernel reads Gc, never g) and the final
-  state.
+* ``nha_fwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))``: each program owns the slots
+  ``i_m*BMS ..`` of one (sequence, head), i.e. Hk[:, slots] and Hv[slots, :], walks the chunks
+  in order and stores them at every chunk start (Hk_c [NC,H,K,M], Hv_c [NC,H,M,V]; bfloat16 for
+  16-bit inputs, they only feed bf16 dots; fp32 otherwise) and the final state (fp32). Slots
+  are independent, so small BMS buys parallelism without re-reading anything but K, V rows.
 * ``nha_fwd_kernel`` grid ``(blocks, HQ)``: one program per ``BT`` query rows (= one chunk) and
   query head. Slot logits = inter-chunk ``exp(Gc) * (Qs @ Hk_c)`` + intra-chunk decayed causal
   part; they seed an online softmax that then walks only the window key blocks that intersect
-  ``(t-W, t]``. Nothing of size T*W or T*(M+W) ever exists; o and lse are written once.
+  ``(t-W, t]``, masking only the two boundary blocks. Nothing of size T*W or T*(M+W) ever exists;
+  o and lse are written once.
+
+Every kernel recomputes the chunk cumsum Gc of the gates it needs from ``g`` (one [BT, BM] load
+and a cumsum: cheaper than storing and re-reading an fp32 copy) and, when ``s`` is not given,
+``s = 1 - exp(g)`` from the same load. Exponentials are base 2: Gc is kept in log2 units and
+log2(e) is folded into the logit scale.
 
 The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied either factored,
 ``exp(Gc[t]) * exp(-Gc[j])`` inside two dots, when every Gc of the chunk lies in
@@ -25,8 +32,14 @@ The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied 
 (resets ``g = -inf`` and very strong decays; slower, never NaN). ``decay_apply``,
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
+
+Precision: for 16-bit inputs every dot takes bfloat16 operands with fp32 accumulation (states,
+decays and probabilities are rounded to bf16 right before the dot; the error stays far inside
+SPEC's 2e-2); float32 inputs keep IEEE fp32 dots (SPEC's 1e-3).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -34,65 +47,121 @@ import triton.language as tl
 
 from . import configs
 
-
-# ----------------------------------------------------------------------------------------------
-# Intra-chunk decayed contractions, D[t,j,m] = exp(Gc[t,m] - Gc[j,m]) for j <= t, else 0.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _is_safe(b_gc, SAFE_LIMIT: tl.constexpr):
-    return (tl.min(tl.min(b_gc, 1), 0) >= -SAFE_LIMIT) & (tl.max(tl.max(b_gc, 1), 0) <= SAFE_LIMIT)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Triton's interpreter (3.9) computes tl.dot on bfloat16 operands wrongly; under it a bf16
+# operand is rounded to bf16 and handed over as fp32, which keeps the rounding under test.
+INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 @triton.jit
-def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr):
+def _op(x, LOWP: tl.constexpr):
+    """A dot operand: bfloat16 for 16-bit inputs (fp32 accumulation), fp32 for fp32 inputs."""
+    if LOWP:
+        if INTERPRET:
+            return x.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+        else:
+            return x.to(tl.bfloat16)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def derive_s(b_g):
+    """s = 1 - exp(g) = -expm1(g) for clamped gates: a short series where |g| < 0.1 keeps the
+    digits that 1 - exp(g) cancels away (relative error < 2e-9 there); g = G_FLOOR gives 1."""
+    b_series = -b_g * (1.0 + b_g * (0.5 + b_g * (0.16666666666666666 + b_g * (0.041666666666666664
+                                                                          + b_g * 0.008333333333333333))))
+    return tl.where(tl.abs(b_g) < 0.1, b_series, 1.0 - tl.exp(b_g))
+
+
+@triton.jit
+def load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+               HAS_S: tl.constexpr, G_FLOOR: tl.constexpr):
+    """Shifted gates of chunk i_c for the slots o_m: (Gc [BT, BM] chunk-local cumsum in log2
+    units, Gc_last [BM] its total, S [BT, BM] fp32). Positions without a token (p < W, p >= T_n)
+    are identity tokens: gate 0, write 0."""
+    o_p = i_c * BT + tl.arange(0, BT)
+    o_j = o_p - W
+    m_p = o_p < T_n
+    m_j = m_p & (o_j >= 0)
+    m_jm = m_j[:, None] & (o_m < M)[None, :]
+    o_jm = ((bos + o_j)[:, None] * H + i_h) * M + o_m[None, :]
+    b_g = tl.maximum(tl.load(g + o_jm, mask=m_jm, other=0.0).to(tl.float32), G_FLOOR)     # [BT, BM]
+    if HAS_S:
+        b_s = tl.load(s + o_jm, mask=m_jm, other=0.0).to(tl.float32)                       # [BT, BM]
+    else:
+        b_s = tl.where(m_jm, derive_s(b_g), 0.0)
+    b_g2 = b_g * 1.4426950408889634
+    b_gc = tl.cumsum(b_g2, 0)
+    # rows past the sequence end repeat the lowest cumsum, so no decay from a real token to them
+    # exceeds 1 (their products are discarded, but inf * 0 would make NaN inside the tile)
+    b_gc = tl.where(m_p[:, None], b_gc, tl.min(b_gc, 0)[None, :])
+    return b_gc, tl.sum(b_g2, 0), b_s
+
+
+# ----------------------------------------------------------------------------------------------
+# Intra-chunk decayed contractions, D[t,j,m] = 2^(Gc[t,m] - Gc[j,m]) for j <= t, else 0 (Gc in
+# log2 units; SAFE2 = SAFE_LIMIT * log2(e)).
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _is_safe(b_gc, SAFE2: tl.constexpr):
+    return (tl.min(tl.min(b_gc, 1), 0) >= -SAFE2) & (tl.max(tl.max(b_gc, 1), 0) <= SAFE2)
+
+
+@triton.jit
+def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
     """R[t,m] = sum_{j<=t} A[t,j] X[j,m] D[t,j,m].   A [BT,BT], X and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE_LIMIT):
-        b_r = tl.dot(tl.where(m_c, b_a, 0.0), b_x * tl.exp(-b_gc), input_precision=DOT) * tl.exp(b_gc)
+    if _is_safe(b_gc, SAFE2):
+        b_r = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), _op(b_x * tl.exp2(-b_gc), LOWP),
+                     input_precision=DOT) * tl.exp2(b_gc)
     else:
-        b_r = tl.zeros_like(b_x)
+        b_r = tl.zeros(b_x.shape, dtype=tl.float32)
         for j in range(BT):
             b_aj = tl.sum(tl.where(o_r[None, :] == j, b_a, 0.0), 1)       # [BT] column j of A
             b_xj = tl.sum(tl.where(o_r[:, None] == j, b_x, 0.0), 0)       # [BM] row j of X
             b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
+            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_r += b_aj[:, None] * b_xj[None, :] * b_d
     return b_r
 
 
 @triton.jit
-def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr):
+def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
     """R[j,m] = sum_{t>=j} A[t,j] Y[t,m] D[t,j,m].   A [BT,BT], Y and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE_LIMIT):
-        b_r = tl.dot(tl.trans(tl.where(m_c, b_a, 0.0)), b_y * tl.exp(b_gc), input_precision=DOT) * tl.exp(-b_gc)
+    if _is_safe(b_gc, SAFE2):
+        b_r = tl.dot(_op(tl.trans(tl.where(m_c, b_a, 0.0)), LOWP), _op(b_y * tl.exp2(b_gc), LOWP),
+                     input_precision=DOT) * tl.exp2(-b_gc)
     else:
-        b_r = tl.zeros_like(b_y)
+        b_r = tl.zeros(b_y.shape, dtype=tl.float32)
         for j in range(BT):
             b_aj = tl.sum(tl.where(o_r[None, :] == j, b_a, 0.0), 1)       # [BT] column j of A
             b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
+            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_rj = tl.sum(b_aj[:, None] * b_y * b_d, 0)                   # [BM]
             b_r += tl.where(o_r[:, None] == j, b_rj[None, :], 0.0)
     return b_r
 
 
 @triton.jit
-def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr):
+def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
     """P[t,j] = sum_m Y[t,m] X[j,m] D[t,j,m] for j <= t.   Y, X, Gc [BT,BM] -> [BT,BT]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE_LIMIT):
-        b_w = tl.dot(b_y * tl.exp(b_gc), tl.trans(b_x * tl.exp(-b_gc)), input_precision=DOT)
+    if _is_safe(b_gc, SAFE2):
+        b_w = tl.dot(_op(b_y * tl.exp2(b_gc), LOWP), tl.trans(_op(b_x * tl.exp2(-b_gc), LOWP)),
+                     input_precision=DOT)
         b_w = tl.where(m_c, b_w, 0.0)
     else:
         b_w = tl.zeros([BT, BT], dtype=tl.float32)
         for j in range(BT):
             b_xj = tl.sum(tl.where(o_r[:, None] == j, b_x, 0.0), 0)       # [BM]
             b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
+            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_wj = tl.sum(b_y * b_xj[None, :] * b_d, 1)                   # [BT]
             b_w += tl.where(o_r[None, :] == j, b_wj[:, None], 0.0)
     return b_w
@@ -103,12 +172,14 @@ def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE_LIMIT: tl.constexpr, DO
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def nha_fwd_state_kernel(
-    ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, gc, cu, chunk_off,
+    ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, cu, chunk_off,
     W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr, DOT: tl.constexpr,
+    HAS_S: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr,
+    LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Hk_c [NC,H,K,M], Hv_c [NC,H,M,V] at every chunk start; Gc [B*T,H,M]; hk_t, hv_t [N,H,..]."""
+    """Slots i_m*BM .. of one (sequence, head): Hk_c [NC,H,K,M], Hv_c [NC,H,M,V] at every chunk
+    start; hk_t, hv_t [N,H,..] after the last chunk (fp32)."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
@@ -127,32 +198,17 @@ def nha_fwd_state_kernel(
     if HAS_H0:
         b_hk += tl.load(hk0 + (i_n * H + i_h) * K * M + o_km, mask=m_km, other=0.0).to(tl.float32)   # [BK, BM]
         b_hv += tl.load(hv0 + (i_n * H + i_h) * M * V + o_mv, mask=m_mv, other=0.0).to(tl.float32)   # [BM, BV]
-
     for i_c in range(0, tl.cdiv(T_n, BT)):
         i_state = (c0 + i_c) * H + i_h
-        tl.store(hk_c + i_state * K * M + o_km, b_hk, mask=m_km)
-        tl.store(hv_c + i_state * M * V + o_mv, b_hv, mask=m_mv)
-
-        o_p = i_c * BT + tl.arange(0, BT)          # shifted positions of this chunk
-        o_j = o_p - W                              # the tokens they carry
-        m_j = (o_p < T_n) & (o_j >= 0)
-        r_j = bos + o_j
-        b_ks = tl.load(ks + (r_j[:, None] * H + i_h) * K + o_k[None, :],
-                       mask=m_j[:, None] & m_k[None, :], other=0.0).to(tl.float32)         # [BT, BK]
-        b_vs = tl.load(v + (r_j[:, None] * H + i_h) * V + o_v[None, :],
-                       mask=m_j[:, None] & m_v[None, :], other=0.0).to(tl.float32)         # [BT, BV]
-        m_jm = m_j[:, None] & m_m[None, :]
-        b_g = tl.load(g + (r_j[:, None] * H + i_h) * M + o_m[None, :], mask=m_jm, other=0.0).to(tl.float32)
-        b_g = tl.maximum(b_g, G_FLOOR)                                                       # [BT, BM]
-        b_s = tl.load(s + (r_j[:, None] * H + i_h) * M + o_m[None, :], mask=m_jm, other=0.0).to(tl.float32)
-        b_gc = tl.cumsum(b_g, 0)
-        tl.store(gc + ((bos + o_p)[:, None] * H + i_h) * M + o_m[None, :], b_gc,
-                 mask=(o_p < T_n)[:, None] & m_m[None, :])
-        b_glast = tl.sum(b_g, 0)                                                             # [BM]
-        # exp(Gc[last] - Gc[j]) <= 1: the decay from token j to the chunk end
-        b_w = b_s * tl.exp(b_glast[None, :] - b_gc)
-        b_hk = b_hk * tl.exp(b_glast)[None, :] + tl.dot(tl.trans(b_ks), b_w, input_precision=DOT)
-        b_hv = b_hv * tl.exp(b_glast)[:, None] + tl.dot(tl.trans(b_w), b_vs, input_precision=DOT)
+        tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
+        tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
+        b_gc, b_glast, b_s = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+        # 2^(Gc_last - Gc[j]) <= 1: the decay from token j to the chunk end
+        b_w = _op(b_s * tl.exp2(b_glast[None, :] - b_gc), LOWP)                                 # [BT, BM]
+        b_a = tl.exp2(b_glast)
+        b_hk = b_hk * b_a[None, :] + tl.dot(tl.trans(_op(b_ks, LOWP)), b_w, input_precision=DOT)
+        b_hv = b_hv * b_a[:, None] + tl.dot(tl.trans(b_w), _op(b_vs, LOWP), input_precision=DOT)
 
     if STORE_FINAL:
         tl.store(hk_t + (i_n * H + i_h) * K * M + o_km, b_hk, mask=m_km)
@@ -160,49 +216,102 @@ def nha_fwd_state_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Slot logits of one chunk (shared with the backward)
+# Slot operands of one chunk (shared with the backward)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def load_slot_chunk(ks, v, s, gc, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-                    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr):
-    """Per-chunk slot operands: Ks [BT,BK], Vs [BT,BV], S [BT,BM] (shifted, fp32), Gc [BT,BM],
-    Hk_c [BK,BM], Hv_c [BM,BV]."""
+def load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Shifted rows of chunk i_c: Ks [BT,BK], Vs [BT,BV] in the input dtype (0 where no token)."""
     o_p = i_c * BT + tl.arange(0, BT)
     o_j = o_p - W
-    m_p = o_p < T_n
-    m_j = m_p & (o_j >= 0)
+    m_j = (o_p < T_n) & (o_j >= 0)
     r_j = bos + o_j
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    b_ks = tl.load(ks + (r_j[:, None] * H + i_h) * K + o_k[None, :],
+                   mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)                     # [BT, BK]
+    b_vs = tl.load(v + (r_j[:, None] * H + i_h) * V + o_v[None, :],
+                   mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)                     # [BT, BV]
+    return b_ks, b_vs
+
+
+@triton.jit
+def load_states(hk_c, hv_c, i_state, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr):
+    """Hk [BK,BM], Hv [BM,BV] of chunk state i_state (their stored dtype)."""
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_m = tl.arange(0, BM)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    b_ks = tl.load(ks + (r_j[:, None] * H + i_h) * K + o_k[None, :],
-                   mask=m_j[:, None] & m_k[None, :], other=0.0).to(tl.float32)            # [BT, BK]
-    b_vs = tl.load(v + (r_j[:, None] * H + i_h) * V + o_v[None, :],
-                   mask=m_j[:, None] & m_v[None, :], other=0.0).to(tl.float32)            # [BT, BV]
-    b_sx = tl.load(s + (r_j[:, None] * H + i_h) * M + o_m[None, :],
-                   mask=m_j[:, None] & m_m[None, :], other=0.0).to(tl.float32)            # [BT, BM]
-    b_gc = tl.load(gc + ((bos + o_p)[:, None] * H + i_h) * M + o_m[None, :],
-                   mask=m_p[:, None] & m_m[None, :], other=0.0)                           # [BT, BM]
-    # rows past the sequence end repeat the lowest cumsum, so no decay from a real token to them
-    # exceeds 1 (their products are discarded, but inf * 0 would make NaN inside the tile)
-    b_gc = tl.where(m_p[:, None], b_gc, tl.min(b_gc, 0)[None, :])
-    i_state = (c0 + i_c) * H + i_h
     b_hk = tl.load(hk_c + i_state * K * M + o_k[:, None] * M + o_m[None, :],
                    mask=m_k[:, None] & m_m[None, :], other=0.0)                           # [BK, BM]
     b_hv = tl.load(hv_c + i_state * M * V + o_m[:, None] * V + o_v[None, :],
                    mask=m_m[:, None] & m_v[None, :], other=0.0)                           # [BM, BV]
-    return b_ks, b_vs, b_sx, b_gc, b_hk, b_hv
+    return b_hk, b_hv
+
+
+# ----------------------------------------------------------------------------------------------
+# One window key block of the online softmax
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+                 HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                 BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr,
+                 DOT: tl.constexpr):
+    """Keys i_s .. i_s+BS (row strides HK = H*K, HV = H*V) into (m, l, acc) [BT],[BT],[BT,BV],
+    log2 units. MASK=False: every key of the block is in every row's band (no masking)."""
+    o_s = i_s + tl.arange(0, BS)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    p_ks = p_k + o_s[:, None] * HK + o_k[None, :]
+    p_vs = p_v + o_s[:, None] * HV + o_v[None, :]
+    if MASK:
+        m_s = o_s < T_n
+        b_k = tl.load(p_ks, mask=m_s[:, None] & (o_k < K)[None, :], other=0.0)           # [BS, BK]
+        b_v = tl.load(p_vs, mask=m_s[:, None] & (o_v < V)[None, :], other=0.0)           # [BS, BV]
+    else:
+        if BK == K:
+            b_k = tl.load(p_ks)
+        else:
+            b_k = tl.load(p_ks, mask=(o_k < K)[None, :], other=0.0)
+        if BV == V:
+            b_v = tl.load(p_vs)
+        else:
+            b_v = tl.load(p_vs, mask=(o_v < V)[None, :], other=0.0)
+    b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk2                            # [BT, BS]
+    if MASK:
+        m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & (o_s < T_n)[None, :]
+        b_sc = tl.where(m_band, b_sc, float("-inf"))
+    b_mn = tl.maximum(b_mi, tl.max(b_sc, 1))
+    if MASK:
+        b_mn = tl.where(b_mn == float("-inf"), 0.0, b_mn)   # rows with nothing seen yet
+    b_alpha = tl.exp2(b_mi - b_mn)
+    b_pw = tl.exp2(b_sc - b_mn[:, None])
+    b_li = b_li * b_alpha + tl.sum(b_pw, 1)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pw.to(b_v.dtype), b_v, input_precision=DOT)
+    return b_mn, b_li, b_acc
+
+
+@triton.jit
+def window_ranges(t0, T_n, W, BT: tl.constexpr, BS: tl.constexpr):
+    """Key blocks of BS rows for the query rows t0 .. t0+BT (bands (t-W, t]):
+    [lo, a) masked, [a, b) full (no mask), [c, hi) masked; all starts multiples of BS."""
+    hi = tl.minimum(t0 + BT, T_n)
+    lo = tl.maximum(t0 - W + 1, 0) // BS * BS
+    # full: s0 >= t0 + BT - W (inside every row's lower bound), s0 + BS - 1 <= t0 (causal)
+    full_lo = (tl.maximum(t0 + BT - W, 0) + BS - 1) // BS * BS
+    full_hi = (t0 + 1) // BS * BS
+    return lo, tl.minimum(full_lo, hi), full_lo, full_hi, tl.maximum(full_lo, full_hi), hi
 
 
 @triton.jit
 def nha_fwd_kernel(
-    q, k, v, qs, ks, s, gc, hk_c, hv_c, o, lse, cu, chunk_off, block_map,
+    q, k, v, qs, ks, g, s, hk_c, hv_c, o, lse, cu, chunk_off, block_map,
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, IS_VARLEN: tl.constexpr, SAFE_LIMIT: tl.constexpr, DOT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
+    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
@@ -211,62 +320,64 @@ def nha_fwd_kernel(
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
-    o_t = i_c * BT + tl.arange(0, BT)
+    t0 = i_c * BT
+    o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T_n
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     o_m = tl.arange(0, BM)
-    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
+    m_k, m_v = o_k < K, o_v < V
     r_t = bos + o_t
+    qk2 = scale * 1.4426950408889634        # logits in log2 units: exp2 instead of exp
     b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
                   mask=m_t[:, None] & m_k[None, :], other=0.0)                             # [BT, BK]
 
     if HAS_SLOTS:
         c0 = tl.load(chunk_off + i_n).to(tl.int64)
-        b_ks, b_vs, b_sx, b_gc, b_hk, b_hv = load_slot_chunk(
-            ks, v, s, gc, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W, H, K, V, M, BT, BK, BV, BM)
-        b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                       mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)         # [BT, BK]
-        b_a = tl.dot(b_qs, tl.trans(b_ks), input_precision=DOT)                            # [BT, BT]
-        b_ls = tl.dot(b_qs, b_hk, input_precision=DOT) * tl.exp(b_gc)
-        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE_LIMIT, DOT)) * scale            # [BT, BM]
-        b_ls = tl.where(m_m[None, :], b_ls, float("-inf"))
+        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+        b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+                           mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
+        b_eg = tl.exp2(b_gc)
+        b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                  # [BT, BT]
+        b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT) * b_eg
+        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT)) * qk2             # [BT, BM]
+        if M < BM:
+            b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
         b_mi = tl.max(b_ls, 1)
-        b_p = tl.exp(b_ls - b_mi[:, None])
+        b_p = tl.exp2(b_ls - b_mi[:, None])
         b_li = tl.sum(b_p, 1)
-        b_acc = tl.dot(b_p * tl.exp(b_gc), b_hv, input_precision=DOT)
-        b_acc += tl.dot(decay_weights(b_p, b_sx, b_gc, BT, SAFE_LIMIT, DOT), b_vs, input_precision=DOT)
+        b_acc = tl.dot(_op(b_p * b_eg, LOWP), _op(b_hv, LOWP), input_precision=DOT)         # [BT, BV]
+        b_acc += tl.dot(_op(decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_vs, LOWP),
+                        input_precision=DOT)
     else:
         b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
         b_li = tl.zeros([BT], dtype=tl.float32)
         b_acc = tl.zeros([BT, BV], dtype=tl.float32)
 
     if W > 0:
-        # only key blocks that meet the band (t-W, t] of some row of this block
-        lo = tl.maximum(i_c * BT - W + 1, 0)
-        hi = tl.minimum(i_c * BT + BT, T_n)
-        for i_s in range((lo // BS) * BS, hi, BS):
-            o_s = i_s + tl.arange(0, BS)
-            m_s = o_s < T_n
-            r_s = bos + o_s
-            b_k = tl.load(k + (r_s[:, None] * H + i_h) * K + o_k[None, :],
-                          mask=m_s[:, None] & m_k[None, :], other=0.0)                     # [BS, BK]
-            b_v = tl.load(v + (r_s[:, None] * H + i_h) * V + o_v[None, :],
-                          mask=m_s[:, None] & m_v[None, :], other=0.0)                     # [BS, BV]
-            b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * scale                 # [BT, BS]
-            m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & m_s[None, :]
-            b_sc = tl.where(m_band, b_sc, float("-inf"))
-            b_mn = tl.maximum(b_mi, tl.max(b_sc, 1))
-            b_mn = tl.where(b_mn == float("-inf"), 0.0, b_mn)   # rows with nothing seen yet
-            b_alpha = tl.exp(b_mi - b_mn)
-            b_pw = tl.exp(b_sc - b_mn[:, None])
-            b_li = b_li * b_alpha + tl.sum(b_pw, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_pw.to(b_v.dtype), b_v, input_precision=DOT)
-            b_mi = b_mn
+        p_k = k + (bos * H + i_h) * K
+        p_v = v + (bos * H + i_h) * V
+        lo, a, b0, b1, c, hi = window_ranges(t0, T_n, W, BT, BS)
+        if SPLIT:
+            for i_s in range(lo, a, BS):
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
+            for i_s in range(b0, b1, BS):
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BS, BK, BV, False, DOT)
+            for i_s in range(c, hi, BS):
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
+        else:
+            for i_s in range(lo, hi, BS):
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
 
     b_ok = b_li > 0
     b_o = b_acc / tl.where(b_ok, b_li, 1.0)[:, None]
-    b_lse = tl.where(b_ok, b_mi + tl.log(tl.where(b_ok, b_li, 1.0)), float("-inf"))
+    b_lse = tl.where(b_ok, (b_mi + tl.log2(tl.where(b_ok, b_li, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(o + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
              mask=m_t[:, None] & m_v[None, :])
     if IS_VARLEN:
@@ -283,8 +394,8 @@ def plan(p, cu_seqlens, device):
     """Sequence and chunk bookkeeping shared by forward and backward.
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
-    NC total chunks, BT). Without cu_seqlens the B rows are N = B sequences of length T in the
-    flattened [B*T] time axis, so one code path serves both layouts.
+    NB blocks, NC total chunks, BT). Without cu_seqlens the B rows are N = B sequences of length
+    T in the flattened [B*T] time axis, so one code path serves both layouts.
     """
     BT = configs.chunk_rows(p.K, p.V, p.M)
     if cu_seqlens is None:
@@ -305,35 +416,46 @@ def plan(p, cu_seqlens, device):
     return cu, chunk_off, block_map, len(blocks), nc, BT
 
 
+def lowp(p) -> bool:
+    """bf16 dot operands for 16-bit inputs (fp16 too: bf16's range holds any state and decay)."""
+    return p.dtype != "float32"
+
+
 def dot_precision(p) -> str:
-    """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); 16-bit inputs use TF32 for the fp32
-    slot dots, well inside their 2e-2 (and the default for 16-bit operands anyway)."""
+    """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); for 16-bit inputs every dot has
+    16-bit operands and the flag is unused."""
     return "ieee" if p.dtype == "float32" else "tf32"
 
 
-def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final):
-    """Run the chunk-state kernel. Returns (hk_c [NC,H,K,M], hv_c [NC,H,M,V], gc [B*T,H,M], hk, hv)."""
+def safe2() -> float:
+    return configs.SAFE_LIMIT * LOG2E
+
+
+def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final, low):
+    """Run the chunk-state kernel. Returns (hk_c [NC,H,K,M], hv_c [NC,H,M,V], hk, hv); the chunk
+    states are bfloat16 when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32
+    or None."""
     dev = v.device
     K, V, M, H, N = p.K, p.V, p.M, p.H, p.N
-    hk_c = torch.empty(NC, H, K, M, dtype=torch.float32, device=dev)
-    hv_c = torch.empty(NC, H, M, V, dtype=torch.float32, device=dev)
-    gc = torch.empty(p.B * p.T, H, M, dtype=torch.float32, device=dev)
-    hk = torch.zeros(N, H, K, M, dtype=torch.float32, device=dev) if store_final else hk_c
-    hv = torch.zeros(N, H, M, V, dtype=torch.float32, device=dev) if store_final else hv_c
+    sdt = torch.bfloat16 if low else torch.float32
+    hk_c = torch.empty(NC, H, K, M, dtype=sdt, device=dev)
+    hv_c = torch.empty(NC, H, M, V, dtype=sdt, device=dev)
+    hk = torch.zeros(N, H, K, M, dtype=torch.float32, device=dev) if store_final else None
+    hv = torch.zeros(N, H, M, V, dtype=torch.float32, device=dev) if store_final else None
     if M > 0 and p.T > 0:
-        BM = configs.state_slot_tile(M)
-        grid = (N, H, triton.cdiv(M, BM))
-        nha_fwd_state_kernel[grid](
-            ks, v, g, s, hk0 if hk0 is not None else hk_c, hv0 if hv0 is not None else hv_c,
-            hk_c, hv_c, hk, hv, gc, cu, chunk_off,
-            p.W, H, K, V, M, BT, configs.pad(K), configs.pad(V), BM,
-            hk0 is not None, store_final, configs.G_FLOOR, dot_precision(p),
-            num_warps=configs.num_warps(K, V, BM),
+        BMS = configs.state_slot_tile(M)
+        nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
+            ks, v, g, s if s is not None else g,
+            hk0 if hk0 is not None else hk_c, hv0 if hv0 is not None else hv_c,
+            hk_c, hv_c, hk if store_final else hk_c, hv if store_final else hv_c, cu, chunk_off,
+            p.W, H, K, V, M, BT, configs.pad(K), configs.pad(V), BMS,
+            s is not None, hk0 is not None, store_final, configs.G_FLOOR, low, dot_precision(p),
+            num_warps=4,
         )
     elif store_final and hk0 is not None:
         hk.copy_(hk0)
         hv.copy_(hv0)
-    return hk_c, hv_c, gc, (hk if store_final else None), (hv if store_final else None)
+    return hk_c, hv_c, hk, hv
 
 
 def flat(x, heads):
@@ -342,25 +464,28 @@ def flat(x, heads):
 
 
 def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-    """o [B,T,HQ,V] (input dtype), lse [B,HQ,T] fp32, hk [N,H,K,M], hv [N,H,M,V] or None."""
+    """o [B,T,HQ,V] (input dtype), lse [B,HQ,T] fp32, hk [N,H,K,M], hv [N,H,M,V] or None.
+    ``s`` None means s = 1 - exp(g), computed inside the kernels."""
     B, T, HQ, H, K, V, M = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M
     dev = q.device
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=dev)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=dev)
     cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
-    qf, kf, vf, gf, sf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H), flat(s, H)
+    qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
+    sf = flat(s, H) if s is not None else None
     qsf = flat(q_slot, HQ) if q_slot is not None else qf
     ksf = flat(k_slot, H) if k_slot is not None else kf
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
-    hk_c, hv_c, gc, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT,
-                                          p.output_final_state)
+    hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT,
+                                      p.output_final_state, lowp(p))
     if NB > 0 and T > 0:
         nha_fwd_kernel[(NB, HQ)](
-            qf, kf, vf, qsf, ksf, sf, gc, hk_c, hv_c, o, lse, cu, chunk_off, block_map,
-            p.scale, p.W, T, HQ, H, p.G, K, V, M,
-            BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.pad(M),
-            M > 0, cu_seqlens is not None, configs.SAFE_LIMIT, dot_precision(p),
-            num_warps=configs.num_warps(K, V, M),
+            qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, cu, chunk_off,
+            block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
+            BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
+            M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), lowp(p),
+            dot_precision(p), configs.WINDOW_SPLIT,
+            num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
         )
     return o, lse, hk, hv
