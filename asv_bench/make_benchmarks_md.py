@@ -204,6 +204,16 @@ def main(argv=None):
         lines += ["## Peer comparison (compare.py)", ""]
         for path in compare_files:
             lines += compare_section(path)
+    notes = [os.path.join(HERE, "triton_tuning_notes.md"), os.path.join(ROOT, "backends", "cupy", "PERF_NOTES.md")]
+    notes = [n for n in notes if os.path.exists(n)]
+    if notes:
+        lines += ["## Kernel tuning measurements (device runs during development)", ""]
+        for path in notes:
+            with open(path) as f:
+                body = f.read().strip().splitlines()
+            # demote the note's own headings below this section
+            body = [("##" + line) if line.startswith("#") else line for line in body]
+            lines += [f"source: `{_rel(path)}`", ""] + body + [""]
     asv_lines = asv_section(args.results_dir)
     if asv_lines:
         lines += ["## asv history (latest results per machine and commit)", ""] + asv_lines

@@ -206,10 +206,9 @@ class _Layout:
         self.final_src = np.full(N * W, -1, np.int64)
         for n in range(N):
             L = int(ext_lens[n])
-            keep = min(L, W)
+            e = np.arange(L - min(L, W), L)
             first_abs = int(self.seen[n]) - int(self.prefix[n])
-            for e in range(L - keep, L):
-                self.final_src[n * W + (first_abs + e) % W] = int(self.ext_cu[n]) + e
+            self.final_src[n * W + (first_abs + e) % W] = int(self.ext_cu[n]) + e
         self.final_seen = self.seen + lens
 
     def gather(self, ops, tokens, ring, trailing: tuple, dtype: str):
