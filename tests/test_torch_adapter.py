@@ -1,7 +1,6 @@
 """The torch adapter: autograd against the reference, opcheck, torch.compile, the nn.Module."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -205,7 +205,7 @@ def _peer_call(shape, impl, mode, dtype, seed):
 
 
 def _decode_call(shape, impl, dtype, seed):
-    N, HQ, H, K, V, M = shape.B, shape.HQ, shape.H, shape.K, shape.V, shape.M
+    N, HQ, H, K, V = shape.B, shape.HQ, shape.H, shape.K, shape.V
     if impl == "sdpa_kvcache":
         torch = common.torch_or_skip()
         _check_device(shape)

@@ -249,19 +249,19 @@ def gpu_copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = gpu_time_ms(lambda: dst.copy_(src), warmup_ms=10, rep_ms=50)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def decode_bytes(shape: Shape, itemsize: int = 2) -> int:
     """Bytes one NHA decode step must touch: read+write fp32 slots, read the window cache once.
 
-    hk [N,H,K,M] and hv [N,H,M,V] in fp32 (read and written); window cache k, v, g
-    [N,W,H,K+V+M] in the input dtype (read); q, o and the new token are negligible.
+    hk [N,H,K,M] and hv [N,H,M,V] in fp32 (read and written); the window's keys and values
+    [N,W,H,K+V] in the input dtype (read). The gates of the window are not needed (only the
+    evicted row's), and q, o, the new token and the evicted row are negligible.
     """
     N, H, K, V, M, W = shape.B, shape.H, shape.K, shape.V, shape.M, shape.W
     slots = N * H * (K * M + M * V) * 4 * 2
-    window = N * W * H * (K + V + M) * itemsize
+    window = N * W * H * (K + V) * itemsize
     return slots + window
 
 

@@ -22,7 +22,7 @@ def decode(p, q, k, v, g, s, q_slot, k_slot, state):
     dtypes = {str(a.dtype) for a in caches.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in _CACHE_TYPE:
         raise NotImplementedError(
-            f"cupy: decode needs every window cache in one of float32/float16/bfloat16, got "
+            "cupy: decode needs every window cache in one of float32/float16/bfloat16, got "
             + ", ".join(f"{n} {a.dtype}" for n, a in caches.items()))
     for name in ("hk", "hv", "seen", *caches):
         a = getattr(state, name)
