@@ -93,15 +93,24 @@ class Backend:
                 reasons.append(why)
         return reasons
 
-    # Kernel entry points; see the module docstring for shapes.
+    # Kernel entry points; see the module docstring for shapes. A backend that sets
+    # ``kernel_package`` gets them from ``<kernel_package>.forward.forward`` (and backward,
+    # decode), imported on first use so that a framework loads only when its backend runs.
+    kernel_package: str | None = None
+
+    def _kernel(self, name: str):
+        if self.kernel_package is None:
+            raise NotImplementedError(f"{self.name}: {name} is not implemented")
+        return getattr(importlib.import_module(f"{self.kernel_package}.{name}"), name)
+
     def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-        raise NotImplementedError(f"{self.name}: forward is not implemented")
+        return self._kernel("forward")(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
 
     def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
-        raise NotImplementedError(f"{self.name}: backward is not implemented")
+        return self._kernel("backward")(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
 
     def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
-        raise NotImplementedError(f"{self.name}: decode is not implemented")
+        return self._kernel("decode")(p, q, k, v, g, s, q_slot, k_slot, state)
 
 
 _BUILTINS = ("numpy", "triton", "cupy")

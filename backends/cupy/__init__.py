@@ -25,6 +25,7 @@ class CupyBackend(Backend):
     max_head_dim = configs.MAX_HEAD_DIM
     max_slots = configs.MAX_SLOTS
     features = configs.FEATURES
+    kernel_package = __name__  # forward.py, backward.py, decode.py beside this file
     array_kind = "cupy"
     derives_s = True  # s = None: the tensor-core forward computes s = 1 - exp(g) in its kernels;
                       # the other paths materialise it once (forward.derived_s)
@@ -41,20 +42,6 @@ class CupyBackend(Backend):
             return "cupy: no CUDA device"
         return None
 
-    def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-        from .forward import forward
-
-        return forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
-
-    def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
-        from .backward import backward
-
-        return backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
-
-    def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
-        from .decode import decode
-
-        return decode(p, q, k, v, g, s, q_slot, k_slot, state)
 
 
 @functools.lru_cache(maxsize=None)

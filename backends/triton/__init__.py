@@ -24,6 +24,7 @@ class TritonBackend(Backend):
     max_head_dim = configs.MAX_HEAD_DIM
     max_slots = configs.MAX_SLOTS
     features = configs.FEATURES
+    kernel_package = __name__  # forward.py, backward.py, decode.py beside this file
     array_kind = "torch"
     auto_devices = ("cuda",)  # on the CPU only when named: the interpreter is for testing
     derives_s = True  # s = None: the kernels compute s = 1 - exp(g) from the gates they load anyway
@@ -44,20 +45,6 @@ class TritonBackend(Backend):
             return f"{self.name}: no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not 1"
         return None
 
-    def forward(self, p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-        from .forward import forward
-
-        return forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens)
-
-    def backward(self, p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
-        from .backward import backward
-
-        return backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
-
-    def decode(self, p, q, k, v, g, s, q_slot, k_slot, state):
-        from .decode import decode
-
-        return decode(p, q, k, v, g, s, q_slot, k_slot, state)
 
 
 BACKEND = TritonBackend()
