@@ -61,6 +61,16 @@ class Backend:
     auto_devices: tuple | None = None   # device types `auto` may pick it for (None: all it runs on)
     derives_s: bool = False             # takes s = None and computes s = 1 - exp(g) in its kernels
 
+    def __init_subclass__(cls, configs=None, **kwargs):
+        """``class X(Backend, configs=module)`` reads the capability table from a configs module
+        (NAME, PRIORITY, DEVICES, DTYPES, MAX_HEAD_DIM, MAX_SLOTS, FEATURES)."""
+        super().__init_subclass__(**kwargs)
+        if configs is not None:
+            cls.name, cls.priority = configs.NAME, configs.PRIORITY
+            cls.devices, cls.dtypes = configs.DEVICES, configs.DTYPES
+            cls.max_head_dim, cls.max_slots = configs.MAX_HEAD_DIM, configs.MAX_SLOTS
+            cls.features = configs.FEATURES
+
     def availability(self) -> str | None:
         """Why this backend cannot run on this machine at all, or None when it can."""
         return None

@@ -17,14 +17,7 @@ from . import configs
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-class CupyBackend(Backend):
-    name = configs.NAME
-    priority = configs.PRIORITY
-    devices = configs.DEVICES
-    dtypes = configs.DTYPES
-    max_head_dim = configs.MAX_HEAD_DIM
-    max_slots = configs.MAX_SLOTS
-    features = configs.FEATURES
+class CupyBackend(Backend, configs=configs):
     kernel_package = __name__  # forward.py, backward.py, decode.py beside this file
     array_kind = "cupy"
     derives_s = True  # s = None: the tensor-core forward computes s = 1 - exp(g) in its kernels;

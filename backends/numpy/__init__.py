@@ -90,14 +90,7 @@ STATE = (1, False)                                     # head axis of [N,H,...] 
 LSE = (1, True)
 
 
-class NumpyBackend(Backend):
-    name = configs.NAME
-    priority = configs.PRIORITY
-    devices = configs.DEVICES
-    dtypes = configs.DTYPES
-    max_head_dim = configs.MAX_HEAD_DIM
-    max_slots = configs.MAX_SLOTS
-    features = configs.FEATURES
+class NumpyBackend(Backend, configs=configs):
     array_kind = "numpy"
     derives_s = True  # s = -expm1(g) is computed per worker thread (np.expm1 is not vectorised)
 

@@ -16,14 +16,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-class TritonBackend(Backend):
-    name = configs.NAME
-    priority = configs.PRIORITY
-    devices = configs.DEVICES
-    dtypes = configs.DTYPES
-    max_head_dim = configs.MAX_HEAD_DIM
-    max_slots = configs.MAX_SLOTS
-    features = configs.FEATURES
+class TritonBackend(Backend, configs=configs):
     kernel_package = __name__  # forward.py, backward.py, decode.py beside this file
     array_kind = "torch"
     auto_devices = ("cuda",)  # on the CPU only when named: the interpreter is for testing
