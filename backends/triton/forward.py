@@ -39,6 +39,7 @@ SPEC's 2e-2); float32 inputs keep IEEE fp32 dots (SPEC's 1e-3).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -395,14 +396,21 @@ def plan(p, cu_seqlens, device):
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
     NB blocks, NC total chunks, BT). Without cu_seqlens the B rows are N = B sequences of length
-    T in the flattened [B*T] time axis, so one code path serves both layouts.
+    T in the flattened [B*T] time axis, so one code path serves both layouts. The device tables
+    are cached per (lengths, BT, device): building them means host-to-device copies, and torch
+    synchronises the stream after each such copy, which left the GPU idle for the rest of the
+    host's work on every call. Without cu_seqlens a call therefore never waits for the device.
     """
     BT = configs.chunk_rows(p.K, p.V, p.M)
     if cu_seqlens is None:
-        lens = [p.T] * p.B
+        lens = (p.T,) * p.B
     else:
-        host = cu_seqlens.detach().to("cpu", torch.int64).tolist()
-        lens = [b - a for a, b in zip(host[:-1], host[1:])]
+        lens = tuple(cu_seqlens.detach().to("cpu", torch.int64).diff().tolist())
+    return _plan_tables(lens, BT, str(device)) + (BT,)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_tables(lens: tuple, BT: int, device: str):
     starts, offs, blocks, nc = [0], [], [], 0
     for n, length in enumerate(lens):
         starts.append(starts[-1] + length)
@@ -413,7 +421,7 @@ def plan(p, cu_seqlens, device):
     cu = torch.tensor(starts, dtype=torch.int32, device=device)
     chunk_off = torch.tensor(offs, dtype=torch.int32, device=device)
     block_map = torch.tensor(blocks if blocks else [(0, 0)], dtype=torch.int32, device=device)
-    return cu, chunk_off, block_map, len(blocks), nc, BT
+    return cu, chunk_off, block_map, len(blocks), nc
 
 
 def lowp(p) -> bool:
