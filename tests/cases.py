@@ -1,6 +1,10 @@
-"""Random NHA problems for the property tests: sizes first, then data (fp64, then cast).
+"""Random NHA problems for the tests: sizes first, then data (fp64, then cast).
 
-A :class:`Case` is a readable id plus a seed; ``inputs(case)`` rebuilds the same arrays.
+* Property tests: a :class:`Case` is a readable id plus a seed; ``inputs(case)`` rebuilds the
+  same arrays.
+* Kernel-level tests (tests/test_numpy_kernels.py, test_triton_interpret.py, test_triton_gpu.py):
+  ``kernel_inputs`` builds fp64 arrays plus the hand-built :class:`Problem` the kernels take, and
+  ``oracle_forward`` / ``oracle_backward`` run the fp64 reference on them.
 """
 from __future__ import annotations
 
@@ -8,6 +12,9 @@ import dataclasses
 
 import numpy as np
 from hypothesis import strategies as st
+
+import nha_core.reference as ref
+from nha_core.problem import Problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +124,89 @@ TOL = {
     ("cpu", "float64"): 1e-12, ("cpu", "float32"): 1e-5,
     ("cuda", "float64"): 1e-12, ("cuda", "float32"): 1e-3, ("cuda", "float16"): 2e-2, ("cuda", "bfloat16"): 2e-2,
 }
+
+
+# --- kernel-level problems ------------------------------------------------------------------------
+
+def _random_resets(g, r):
+    """~T/5 random tokens reset one random slot (g = -inf); draws from the input generator."""
+    B, T, H, M = g.shape
+    if T and M:
+        g[:, r.integers(0, T, size=max(1, T // 5)), :, r.integers(0, M)] = -np.inf
+
+
+def _strong_and_resets(g, r):
+    """Every gate x30 (chunk cumsums past the factored form's SAFE_LIMIT), every 5th token resets
+    slot 0."""
+    if g.size:
+        g *= 30.0
+        g[:, ::5, :, 0] = -np.inf
+
+
+def _resets_and_spikes(g, r):
+    """Every 37th token resets the first half of the slots; every 41st token's gates x200."""
+    M = g.shape[-1]
+    if M:
+        g[:, ::37, :, : M // 2] = -np.inf
+        g[:, 5::41] *= 200.0
+
+
+HARD_GATES = {"random-resets": _random_resets, "strong": _strong_and_resets, "spikes": _resets_and_spikes}
+
+
+def kernel_inputs(seed, B, T, HQ, H, K, V, M, W, dtype, *, explicit=False, initial=False, seqlens=None,
+                  gates="abs", gscale=1.0, qscale=1.0, hard=None, device="cpu", array_kind="numpy",
+                  mode="forward"):
+    """Float64 NumPy inputs for a kernel call, plus the :class:`Problem` describing them.
+
+    Returns ``(p, x)``. ``x`` holds q [B,T,HQ,K] (times ``qscale``), k [B,T,H,K], v [B,T,H,V],
+    g [B,T,H,M]; s [B,T,H,M] in [0, 1), q_slot [B,T,HQ,K], k_slot [B,T,H,K] with ``explicit``
+    (else None: s derived, slots read q / k); hk0 [N,H,K,M], hv0 [N,H,M,V] with ``initial``
+    (else None); cu [N+1] int64 with ``seqlens`` (N packed sequences, B = 1; else None, N = B).
+
+    gates: ``"abs"``: g = -|z| * gscale; ``"logsigmoid"``: g = logsigmoid(z) / 4 (gated slot
+    attention's gates). hard: None or a key of ``HARD_GATES`` (resets g = -inf, strong decay).
+    The generator draws in a fixed order (q, k, v, g, hard, s, q_slot, k_slot, hk0, hv0), so a
+    seed gives the same arrays in every test file. ``p.scale`` is K ** -0.5, the default.
+    """
+    r = np.random.default_rng(seed)
+    x = {"q": r.standard_normal((B, T, HQ, K)) * qscale, "k": r.standard_normal((B, T, H, K)),
+         "v": r.standard_normal((B, T, H, V))}
+    z = r.standard_normal((B, T, H, M))
+    if gates == "abs":
+        x["g"] = -np.abs(z) * gscale
+    elif gates == "logsigmoid":
+        x["g"] = np.log(1 / (1 + np.exp(-z))) / 4
+    else:
+        raise ValueError(f"gates: expected 'abs' or 'logsigmoid', got {gates!r}")
+    if hard is not None:
+        HARD_GATES[hard](x["g"], r)
+    x["s"] = r.random((B, T, H, M)) if explicit else None
+    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
+    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
+    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
+    N = B if cu is None else len(cu) - 1
+    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
+    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
+    x["cu"] = cu
+    p = Problem(mode=mode, B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype, device=device,
+                array_kind=array_kind, scale=K ** -0.5, has_s=explicit, has_q_slot=explicit,
+                has_k_slot=explicit, has_initial_state=initial, output_final_state=True,
+                varlen=cu is not None)
+    return p, x
+
+
+def _ref_kwargs(p, x):
+    return dict(window_size=p.W, s=x["s"], q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"],
+                hv0=x["hv0"], cu_seqlens=x["cu"])
+
+
+def oracle_forward(p, x):
+    """fp64 reference on ``kernel_inputs``' arrays: o [B,T,HQ,V], lse [B,HQ,T], hk, hv."""
+    return ref.forward(x["q"], x["k"], x["v"], x["g"], **_ref_kwargs(p, x))
+
+
+def oracle_backward(p, x, do):
+    """fp64 reference gradients of sum(o * do) (a dict, see ``reference.backward``)."""
+    return ref.backward(do, x["q"], x["k"], x["v"], x["g"], **_ref_kwargs(p, x))
+

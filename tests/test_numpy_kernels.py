@@ -14,6 +14,8 @@ from nha_core.backends.numpy.forward import forward as np_forward
 from nha_core.problem import Problem
 from nha_core.state import NHAState
 
+from .cases import kernel_inputs, oracle_backward, oracle_forward
+
 TOL = {"float64": 1e-12, "float32": 1e-5}
 
 
@@ -24,33 +26,6 @@ def rel(out, want):
     assert (out[~fin] == want[~fin]).all()
     norm = np.linalg.norm(want[fin])
     return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
-
-
-def make_case(seed, B, T, HQ, H, K, V, M, W, *, explicit=False, initial=False, seqlens=None,
-              reset=False, gscale=1.0, qscale=1.0, dtype="float64"):
-    """Random inputs (float64 originals) plus the Problem; ``seqlens`` packs N sequences (B = 1)."""
-    r = np.random.default_rng(seed)
-    x = {
-        "q": r.standard_normal((B, T, HQ, K)) * qscale,
-        "k": r.standard_normal((B, T, H, K)),
-        "v": r.standard_normal((B, T, H, V)),
-        "g": -np.abs(r.standard_normal((B, T, H, M))) * gscale,
-    }
-    if reset and T and M:
-        x["g"][:, r.integers(0, T, size=max(1, T // 5)), :, r.integers(0, M)] = -np.inf
-    x["s"] = r.random((B, T, H, M)) if explicit else None
-    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
-    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
-    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
-    N = B if cu is None else len(cu) - 1
-    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
-    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
-    x["cu"] = cu
-    p = Problem(mode="forward", B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype,
-                device="cpu", array_kind="numpy", scale=K ** -0.5, has_s=explicit,
-                has_q_slot=explicit, has_k_slot=explicit, has_initial_state=initial,
-                output_final_state=True, varlen=cu is not None)
-    return p, x
 
 
 def native(p, x):
@@ -71,19 +46,13 @@ def native(p, x):
     return out
 
 
-def reference_forward(p, x):
-    return ref.forward(x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                       q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
-                       cu_seqlens=x["cu"])
-
-
 def check_forward_backward(p, x, seed=0, tol=None):
     n = native(p, x)
     args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
     o, lse, hk, hv = np_forward(p, *args)
     assert o.dtype == np.dtype(p.dtype) and lse.dtype == np.dtype(p.state_dtype)
     assert o.shape == (p.B, p.T, p.HQ, p.V) and lse.shape == (p.B, p.HQ, p.T)
-    ro, rlse, rhk, rhv = reference_forward(p, x)
+    ro, rlse, rhk, rhv = oracle_forward(p, x)
     tol = TOL[p.dtype] if tol is None else tol
     for name, a, b in (("o", o, ro), ("lse", lse, rlse), ("hk", hk, rhk), ("hv", hv, rhv)):
         assert rel(a, b) <= tol, (name, rel(a, b))
@@ -92,9 +61,7 @@ def check_forward_backward(p, x, seed=0, tol=None):
     grads = np_backward(p, do.astype(p.dtype), n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"],
                         n["k_slot"], o, lse, n["hk0"], n["hv0"], n["cu"])
     dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = grads
-    want = ref.backward(do, x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                        q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
-                        cu_seqlens=x["cu"])
+    want = oracle_backward(p, x, do)
     if x["s"] is None:
         # the API adds the path through the derived s = 1 - exp(g): ds * (-exp(g))
         dg = dg.astype(np.float64) + ds.astype(np.float64) * -np.exp(x["g"])
@@ -121,8 +88,8 @@ dims = st.fixed_dictionaries({
 @given(d=dims, dtype=st.sampled_from(["float64", "float32"]), explicit=st.booleans(),
        initial=st.booleans(), reset=st.booleans(), seed=st.integers(0, 2 ** 16))
 def test_forward_backward_random(d, dtype, explicit, initial, reset, seed):
-    p, x = make_case(seed, d["B"], d["T"], d["H"] * d["G"], d["H"], d["K"], d["V"], d["M"], d["W"],
-                     explicit=explicit, initial=initial, reset=reset, dtype=dtype)
+    p, x = kernel_inputs(seed, d["B"], d["T"], d["H"] * d["G"], d["H"], d["K"], d["V"], d["M"], d["W"], dtype,
+                         explicit=explicit, initial=initial, hard="random-resets" if reset else None)
     check_forward_backward(p, x, seed)
 
 
@@ -131,8 +98,8 @@ def test_forward_backward_random(d, dtype, explicit, initial, reset, seed):
        M=st.integers(0, 4), dtype=st.sampled_from(["float64", "float32"]), seed=st.integers(0, 2 ** 16))
 def test_varlen_random(lens, W, M, dtype, seed):
     T = sum(lens)
-    p, x = make_case(seed, 1, T, 4, 2, 5, 3, M, W, explicit=seed % 2 == 0, initial=True,
-                     seqlens=lens, dtype=dtype)
+    p, x = kernel_inputs(seed, 1, T, 4, 2, 5, 3, M, W, dtype, explicit=seed % 2 == 0, initial=True,
+                         seqlens=lens)
     check_forward_backward(p, x, seed)
 
 
@@ -149,14 +116,14 @@ def test_varlen_random(lens, W, M, dtype, seed):
     ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()),
 )
 def test_named_shapes(case, dtype):
-    p, x = make_case(3, **case, explicit=True, initial=True, dtype=dtype)
+    p, x = kernel_inputs(3, **case, dtype=dtype, explicit=True, initial=True)
     check_forward_backward(p, x)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_strong_decay_and_resets_stay_finite(dtype):
     """Chunks whose gate cumsum overflows the factored form take the explicit path (no NaN/Inf)."""
-    p, x = make_case(4, 1, 160, 2, 1, 8, 8, 4, 40, reset=True, gscale=40.0, qscale=30.0, dtype=dtype)
+    p, x = kernel_inputs(4, 1, 160, 2, 1, 8, 8, 4, 40, dtype, hard="random-resets", gscale=40.0, qscale=30.0)
     check_forward_backward(p, x)
 
 
@@ -164,13 +131,13 @@ def test_strong_decay_and_resets_stay_finite(dtype):
 def test_large_logits(dtype):
     """Logits of a few hundred: no overflow. In float32 the logits' own rounding (|L| * 2^-24
     ~ 1e-5) bounds the attainable gradient accuracy, so the bound there is the naive one."""
-    p, x = make_case(5, 1, 100, 2, 2, 16, 8, 4, 20, qscale=200.0, explicit=True, dtype=dtype)
+    p, x = kernel_inputs(5, 1, 100, 2, 2, 16, 8, 4, 20, dtype, qscale=200.0, explicit=True)
     check_forward_backward(p, x, tol=1e-12 if dtype == "float64" else 1e-3)
 
 
 def test_no_memory_at_all():
     """M = 0 and W = 0: nothing to attend to, o = 0 and lse = -inf as in the reference."""
-    p, x = make_case(6, 1, 5, 2, 1, 3, 3, 0, 0)
+    p, x = kernel_inputs(6, 1, 5, 2, 1, 3, 3, 0, 0, "float64")
     n = native(p, x)
     o, lse, _, _ = np_forward(p, n["q"], n["k"], n["v"], n["g"], n["s"], None, None, None, None, None)
     assert (o == 0).all() and np.isneginf(lse).all()
@@ -182,8 +149,8 @@ def test_no_memory_at_all():
        seed=st.integers(0, 2 ** 16))
 def test_decode_continues_prefill(T, W, M, G, explicit, steps, dtype, seed):
     N, H, K, V = 2, 2, 5, 4
-    p, x = make_case(seed, N, T + steps, G * H, H, K, V, M, W, explicit=explicit, reset=seed % 3 == 0,
-                     dtype=dtype)
+    p, x = kernel_inputs(seed, N, T + steps, G * H, H, K, V, M, W, dtype, explicit=explicit,
+                         hard="random-resets" if seed % 3 == 0 else None)
     pre = {n: (None if a is None or n == "cu" else a[:, :T]) for n, a in x.items()}
     _, _, hk, hv = ref.forward(pre["q"], pre["k"], pre["v"], pre["g"], window_size=W, s=pre["s"],
                                q_slot=pre["q_slot"], k_slot=pre["k_slot"])

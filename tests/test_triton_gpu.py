@@ -24,6 +24,8 @@ import nha_core.reference as ref  # noqa: E402
 from nha_core.problem import Problem  # noqa: E402
 from nha_core.state import NHAState  # noqa: E402
 
+from .cases import kernel_inputs, oracle_backward, oracle_forward  # noqa: E402
+
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -39,27 +41,11 @@ def rel(out, want):
     return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
 
 
-def make(seed, B, T, HQ, H, K, V, M, W, dtype, *, explicit=False, initial=False, seqlens=None, hard=False):
-    r = np.random.default_rng(seed)
-    x = {"q": r.standard_normal((B, T, HQ, K)), "k": r.standard_normal((B, T, H, K)),
-         "v": r.standard_normal((B, T, H, V)),
-         "g": np.log(1 / (1 + np.exp(-r.standard_normal((B, T, H, M))))) / 4}   # logsigmoid / 4
-    if hard and M:
-        x["g"][:, ::37, :, : M // 2] = -np.inf
-        x["g"][:, 5::41] *= 200.0
-    x["s"] = r.random((B, T, H, M)) if explicit else None
-    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
-    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
-    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
-    N = B if cu is None else len(cu) - 1
-    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
-    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
-    x["cu"] = cu
-    p = Problem(mode="forward", B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype,
-                device="cuda:0", array_kind="torch", scale=K ** -0.5, has_s=explicit,
-                has_q_slot=explicit, has_k_slot=explicit, has_initial_state=initial,
-                output_final_state=True, varlen=cu is not None)
-    return p, x
+def make(seed, B, T, HQ, H, K, V, M, W, dtype, *, hard=False, **options):
+    """The shared builder (tests/cases.py) with this file's choices: gated slot attention's
+    gates (logsigmoid / 4), torch arrays on cuda:0; ``hard``: resets and x200 decay spikes."""
+    return kernel_inputs(seed, B, T, HQ, H, K, V, M, W, dtype, gates="logsigmoid",
+                         hard="spikes" if hard else None, device="cuda:0", array_kind="torch", **options)
 
 
 def native(p, x):
@@ -98,18 +84,14 @@ def test_forward_backward_gpu(case, dtype):
     n = native(p, x)
     args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
     o, lse, hk, hv = forward(p, *args)
-    ro, rlse, rhk, rhv = ref.forward(x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                                     q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"],
-                                     hv0=x["hv0"], cu_seqlens=x["cu"])
+    ro, rlse, rhk, rhv = oracle_forward(p, x)
     for name, a, b in (("o", o, ro), ("lse", lse, rlse), ("hk", hk, rhk), ("hv", hv, rhv)):
         assert rel(a, b) <= tol, (name, rel(a, b))
     do = np.random.default_rng(3).standard_normal(o.shape)
     grads = backward(p, torch.from_numpy(do).cuda().to(o.dtype), n["q"], n["k"], n["v"], n["g"], n["s"],
                      n["q_slot"], n["k_slot"], o, lse, n["hk0"], n["hv0"], n["cu"])
     dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = grads
-    want = ref.backward(do, x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                        q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
-                        cu_seqlens=x["cu"])
+    want = oracle_backward(p, x, do)
     dg = dg.double()
     if x["s"] is None:
         dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"])).cuda()

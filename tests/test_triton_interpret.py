@@ -50,6 +50,8 @@ import nha_core.reference as ref  # noqa: E402
 from nha_core.problem import Problem  # noqa: E402
 from nha_core.state import NHAState  # noqa: E402
 
+from .cases import kernel_inputs, oracle_backward, oracle_forward  # noqa: E402
+
 TOL = {"float32": 2e-5, "float16": 2e-2}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
 
@@ -78,28 +80,11 @@ def rel(out, want):
     return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
 
 
-def make(seed, B, T, HQ, H, K, V, M, W, *, explicit=False, initial=False, seqlens=None, hard=False,
-         dtype="float32", mode="forward"):
-    """fp64 NumPy originals plus the Problem (inputs go to the kernels as CPU torch tensors)."""
-    r = np.random.default_rng(seed)
-    x = {"q": r.standard_normal((B, T, HQ, K)), "k": r.standard_normal((B, T, H, K)),
-         "v": r.standard_normal((B, T, H, V)), "g": -np.abs(r.standard_normal((B, T, H, M)))}
-    if hard and T and M:
-        x["g"] *= 30.0                                   # chunk cumsums past SAFE_LIMIT
-        x["g"][:, ::5, :, 0] = -np.inf                   # exact resets
-    x["s"] = r.random((B, T, H, M)) if explicit else None
-    x["q_slot"] = r.standard_normal((B, T, HQ, K)) if explicit else None
-    x["k_slot"] = r.standard_normal((B, T, H, K)) if explicit else None
-    cu = None if seqlens is None else np.concatenate([[0], np.cumsum(seqlens)]).astype(np.int64)
-    N = B if cu is None else len(cu) - 1
-    x["hk0"] = r.standard_normal((N, H, K, M)) if initial else None
-    x["hv0"] = r.standard_normal((N, H, M, V)) if initial else None
-    x["cu"] = cu
-    p = Problem(mode=mode, B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype, device="cpu",
-                array_kind="torch", scale=K ** -0.5, has_s=explicit, has_q_slot=explicit,
-                has_k_slot=explicit, has_initial_state=initial, output_final_state=True,
-                varlen=cu is not None)
-    return p, x
+def make(seed, B, T, HQ, H, K, V, M, W, *, hard=False, dtype="float32", **options):
+    """The shared builder (tests/cases.py) with this file's defaults: float32, torch arrays on
+    the CPU; ``hard``: strong decay (chunk cumsums past SAFE_LIMIT) with exact resets."""
+    return kernel_inputs(seed, B, T, HQ, H, K, V, M, W, dtype, hard="strong" if hard else None,
+                         array_kind="torch", **options)
 
 
 def native(p, x, derive_in_kernel=True):
@@ -123,9 +108,7 @@ def check(p, x, tol=None, backward=True, derive_in_kernel=True):
     args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
     o, lse, hk, hv = tf.forward(p, *args)
     assert o.dtype == n["q"].dtype and lse.dtype == torch.float32
-    ro, rlse, rhk, rhv = ref.forward(x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                                     q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"],
-                                     hv0=x["hv0"], cu_seqlens=x["cu"])
+    ro, rlse, rhk, rhv = oracle_forward(p, x)
     for name, a, b in (("o", o, ro), ("lse", lse, rlse), ("hk", hk, rhk), ("hv", hv, rhv)):
         assert rel(a, b) <= tol, (name, rel(a, b))
     if not backward:
@@ -134,9 +117,7 @@ def check(p, x, tol=None, backward=True, derive_in_kernel=True):
     grads = tb.backward(p, torch.from_numpy(do).to(o.dtype), n["q"], n["k"], n["v"], n["g"], n["s"],
                         n["q_slot"], n["k_slot"], o, lse, n["hk0"], n["hv0"], n["cu"])
     dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = grads
-    want = ref.backward(do, x["q"], x["k"], x["v"], x["g"], window_size=p.W, s=x["s"],
-                        q_slot=x["q_slot"], k_slot=x["k_slot"], hk0=x["hk0"], hv0=x["hv0"],
-                        cu_seqlens=x["cu"])
+    want = oracle_backward(p, x, do)
     dg = dg.double()
     if x["s"] is None:
         # the API adds the path through the derived s = 1 - exp(g)
