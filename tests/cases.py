@@ -5,6 +5,8 @@
 * Kernel-level tests (tests/test_numpy_kernels.py, test_triton_interpret.py, test_triton_gpu.py):
   ``kernel_inputs`` builds fp64 arrays plus the hand-built :class:`Problem` the kernels take, and
   ``oracle_forward`` / ``oracle_backward`` run the fp64 reference on them.
+* ``naive_attention``: SPEC section 2 written the plain way in PyTorch, the yardstick for the
+  float16/bfloat16 accuracy rule of SPEC section 5 (``naive_results``, ``LOWP_FLOOR``).
 """
 from __future__ import annotations
 
@@ -210,3 +212,107 @@ def oracle_backward(p, x, do):
     """fp64 reference gradients of sum(o * do) (a dict, see ``reference.backward``)."""
     return ref.backward(do, x["q"], x["k"], x["v"], x["g"], **_ref_kwargs(p, x))
 
+
+# --- the naive low-precision yardstick (SPEC section 5) --------------------------------------------
+
+def naive_attention(q, k, v, g, *, window_size, s=None, q_slot=None, k_slot=None, scale=None,
+                    hk0=None, hv0=None, cu_seqlens=None):
+    """SPEC section 2 written the plain way in PyTorch, every tensor in q's dtype.
+
+    This is "the same computation done naively in that dtype" that SPEC section 5 measures
+    float16/bfloat16 kernels against: no chunks, no fp32 state, no fp32 softmax of our own.
+    The slot states come from the token recurrence, the logits form one dense masked [T, M + T]
+    matrix per head, and torch.softmax / torch.logsumexp normalise it::
+
+        columns:  M slots (state after tokens <= t-W) | tokens 0 ... t-W | t-W+1 ... t | t+1 ...
+        row t:    read                                 | -inf (in slots)  | read        | -inf
+
+    Shapes and defaults as ``reference.forward`` (torch tensors; hk0 / hv0 are cast to q's
+    dtype). Returns o [B,T,HQ,V], lse [B,HQ,T], hk [N,H,K,M], hv [N,H,M,V], all in q's dtype and
+    differentiable by autograd (the naive backward). Needs at least one logit per row
+    (M > 0 or W > 0).
+    """
+    import torch
+
+    if cu_seqlens is not None:          # each packed sequence alone, then joined again
+        bounds = [int(c) for c in cu_seqlens]
+        parts = [naive_attention(
+            q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], window_size=window_size,
+            s=None if s is None else s[:, a:b], q_slot=None if q_slot is None else q_slot[:, a:b],
+            k_slot=None if k_slot is None else k_slot[:, a:b], scale=scale,
+            hk0=None if hk0 is None else hk0[n:n + 1], hv0=None if hv0 is None else hv0[n:n + 1])
+            for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        return tuple(torch.cat([part[i] for part in parts], dim=d) for i, d in enumerate((1, 2, 0, 0)))
+
+    B, T, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[3], g.shape[3]
+    G, W, dt = HQ // H, window_size, q.dtype
+    scale = K ** -0.5 if scale is None else scale
+    s = -torch.expm1(g) if s is None else s
+    q_slot = q if q_slot is None else q_slot
+    k_slot = k if k_slot is None else k_slot
+    hk = q.new_zeros(B, H, K, M) if hk0 is None else hk0.to(dt)
+    hv = q.new_zeros(B, H, M, V) if hv0 is None else hv0.to(dt)
+
+    # slot states: states[t] is what query t reads (every token <= t - W absorbed, own gate)
+    hks, hvs = [], []
+    for t in range(T):
+        j = t - W
+        if j >= 0:
+            alpha = torch.exp(g[:, j])                                                  # [B,H,M]
+            hk = hk * alpha[:, :, None, :] + k_slot[:, j, :, :, None] * s[:, j, :, None, :]
+            hv = hv * alpha[:, :, :, None] + s[:, j, :, :, None] * v[:, j, :, None, :]
+        hks.append(hk)
+        hvs.append(hv)
+    HK = torch.stack(hks, 1) if T else hk.new_zeros(B, 0, H, K, M)                    # [B,T,H,K,M]
+    HV = torch.stack(hvs, 1) if T else hv.new_zeros(B, 0, H, M, V)                    # [B,T,H,M,V]
+
+    qh = q.reshape(B, T, H, G, K)                  # query head i reads KV head i // G
+    qs = q_slot.reshape(B, T, H, G, K)
+    slot_logits = scale * torch.einsum("bthgk,bthkm->bhgtm", qs, HK)                  # [B,H,G,T,M]
+    token_logits = scale * torch.einsum("bthgk,bshk->bhgts", qh, k)                   # [B,H,G,T,T]
+    t_idx = torch.arange(T, device=q.device)
+    back = t_idx[:, None] - t_idx[None, :]                                            # t - j
+    in_window = (back >= 0) & (back < W)                                              # j in (t-W, t]
+    token_logits = token_logits.masked_fill(~in_window, float("-inf"))
+    logits = torch.cat([slot_logits, token_logits], dim=-1)                           # [B,H,G,T,M+T]
+    p = torch.softmax(logits, dim=-1)
+    o = (torch.einsum("bhgtm,bthmv->bthgv", p[..., :M], HV)
+         + torch.einsum("bhgts,bshv->bthgv", p[..., M:], v))                          # [B,T,H,G,V]
+    lse = torch.logsumexp(logits, dim=-1)                                             # [B,H,G,T]
+    return o.reshape(B, T, HQ, V), lse.reshape(B, HQ, T), hk, hv
+
+
+# SPEC section 5: a float16/bfloat16 result is never more than 2x the error of naive_attention in
+# that dtype, each measured against the fp64 oracle on the same (rounded) inputs. The absolute
+# floor, a quarter of the dtype's unit roundoff (float16 2^-13 ~ 1.2e-4, bfloat16 2^-10 ~ 9.8e-4),
+# only matters where the naive error is itself at or below rounding noise: a result that both
+# compute exactly (a state no token entered, a gradient that is 0) gives err_naive = 0, and a
+# kernel keeping it in fp32 may differ from it in the 7th digit; rounding the exact result once to
+# the dtype already costs about u / 2 in relative L2 error, so anything under u / 4 is noise.
+LOWP_FLOOR = {"float16": 2.0 ** -13, "bfloat16": 2.0 ** -10}
+
+GRAD_OF = {"dq": "q", "dk": "k", "dv": "v", "dg": "g", "ds": "s", "dq_slot": "q_slot", "dk_slot": "k_slot",
+           "dhk0": "hk0", "dhv0": "hv0"}
+
+
+def naive_results(p, low, cu_seqlens, do):
+    """``naive_attention`` on ``low`` (kernel_inputs' names -> torch tensors in one dtype, None
+    where absent; "cu" is ignored, pass ``cu_seqlens``) and its autograd backward for ``sum(o * do)``.
+
+    Returns {"o", "lse", "hk", "hv", "dq", "dk", ...}: the outputs, then the gradient of every
+    given input under the oracle's names (zeros where no path reaches it, e.g. g when W >= T).
+    """
+    import torch
+
+    leaf = {n: None if a is None else a.detach().clone().requires_grad_() for n, a in low.items() if n != "cu"}
+    out = naive_attention(leaf["q"], leaf["k"], leaf["v"], leaf["g"], window_size=p.W, s=leaf["s"],
+                          q_slot=leaf["q_slot"], k_slot=leaf["k_slot"], scale=p.scale, hk0=leaf["hk0"],
+                          hv0=leaf["hv0"], cu_seqlens=cu_seqlens)
+    out[0].backward(do)
+    res = dict(zip(("o", "lse", "hk", "hv"), (a.detach() for a in out)))
+    for name, arg in GRAD_OF.items():
+        if leaf[arg] is not None:
+            grad = leaf[arg].grad
+            res[name] = torch.zeros_like(leaf[arg]) if grad is None else grad
+    return res
