@@ -312,7 +312,7 @@ def nha_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
-    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, SHARE: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
@@ -340,18 +340,34 @@ def nha_fwd_kernel(
         b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
         b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
                            mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
-        b_eg = tl.exp2(b_gc)
+        b_eg = tl.exp2(b_gc)                                                                  # [BT, BM]
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                  # [BT, BT]
-        b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT) * b_eg
-        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT)) * qk2             # [BT, BM]
-        if M < BM:
-            b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
-        b_mi = tl.max(b_ls, 1)
-        b_p = tl.exp2(b_ls - b_mi[:, None])
-        b_li = tl.sum(b_p, 1)
-        b_acc = tl.dot(_op(b_p * b_eg, LOWP), _op(b_hv, LOWP), input_precision=DOT)         # [BT, BV]
-        b_acc += tl.dot(_op(decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_vs, LOWP),
-                        input_precision=DOT)
+        b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT)                           # [BT, BM]
+        if SHARE and _is_safe(b_gc, SAFE2):
+            # factored decays: both intra-chunk dots share S * 2^-Gc, both readouts P * 2^Gc
+            o_r = tl.arange(0, BT)
+            m_c = o_r[:, None] >= o_r[None, :]
+            b_sw = _op(b_sx * tl.exp2(-b_gc), LOWP)                                          # [BT, BM]
+            b_ls = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), b_sw, acc=b_ls, input_precision=DOT) * b_eg * qk2
+            if M < BM:
+                b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
+            b_mi = tl.max(b_ls, 1)
+            b_p = tl.exp2(b_ls - b_mi[:, None])
+            b_li = tl.sum(b_p, 1)
+            b_pe = _op(b_p * b_eg, LOWP)                                                     # [BT, BM]
+            b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)     # [BT, BT]
+            b_acc = tl.dot(b_pe, _op(b_hv, LOWP), input_precision=DOT)                      # [BT, BV]
+            b_acc = tl.dot(_op(b_pw, LOWP), _op(b_vs, LOWP), acc=b_acc, input_precision=DOT)
+        else:
+            b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT)) * qk2
+            if M < BM:
+                b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
+            b_mi = tl.max(b_ls, 1)
+            b_p = tl.exp2(b_ls - b_mi[:, None])
+            b_li = tl.sum(b_p, 1)
+            b_acc = tl.dot(_op(b_p * b_eg, LOWP), _op(b_hv, LOWP), input_precision=DOT)     # [BT, BV]
+            b_acc += tl.dot(_op(decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_vs, LOWP),
+                            input_precision=DOT)
     else:
         b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
         b_li = tl.zeros([BT], dtype=tl.float32)
@@ -458,7 +474,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final, l
             hk_c, hv_c, hk if store_final else hk_c, hv if store_final else hv_c, cu, chunk_off,
             p.W, H, K, V, M, BT, configs.pad(K), configs.pad(V), BMS,
             s is not None, hk0 is not None, store_final, configs.G_FLOOR, low, dot_precision(p),
-            num_warps=4,
+            num_warps=configs.state_num_warps(K, V), num_stages=configs.state_num_stages(K, V),
         )
     elif store_final and hk0 is not None:
         hk.copy_(hk0)
@@ -493,7 +509,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
             block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
             BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
             M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), lowp(p),
-            dot_precision(p), configs.WINDOW_SPLIT,
+            dot_precision(p), configs.WINDOW_SPLIT, configs.FWD_SHARED_FACTORS,
             num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
         )
     return o, lse, hk, hv
