@@ -223,10 +223,12 @@ def nha_bwd_slot_kernel(
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+    HAS_S: tl.constexpr, CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Slot-branch gradients of the chunk's shifted tokens, stored at their tokens p - W:
-    dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype)."""
+    dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype). CHAIN (s
+    derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(block_map + i_b * 2).to(tl.int64)
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
@@ -290,8 +292,14 @@ def nha_bwd_slot_kernel(
     tl.store(dks + (r_j[:, None] * H + i_h) * K + o_k[None, :], b_dks, mask=m_j[:, None] & m_k[None, :])
     tl.store(dvs + (r_j[:, None] * H + i_h) * V + o_v[None, :], b_dvs, mask=m_j[:, None] & m_v[None, :])
     m_jm = m_j[:, None] & m_m[None, :]
-    tl.store(ds + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_ds.to(ds.dtype.element_ty), mask=m_jm)
-    tl.store(dg + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_dg.to(dg.dtype.element_ty), mask=m_jm)
+    o_jm = (r_j[:, None] * H + i_h) * M + o_m[None, :]
+    if CHAIN:
+        # ds/dg = -exp(g) for the derived s; reloaded (L2-hot) rather than kept live, exp(G_FLOOR) = 0
+        b_g = tl.maximum(tl.load(g + o_jm, mask=m_jm, other=0.0).to(tl.float32), G_FLOOR)      # [BT, BM]
+        b_dg -= b_ds * tl.exp(b_g)
+    else:
+        tl.store(ds + o_jm, b_ds.to(ds.dtype.element_ty), mask=m_jm)
+    tl.store(dg + o_jm, b_dg.to(dg.dtype.element_ty), mask=m_jm)
 
 
 @triton.jit
@@ -327,7 +335,8 @@ def nha_bwd_kv_kernel(
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs;
     zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W)."""
@@ -363,7 +372,8 @@ def nha_bwd_kv_kernel(
         m_tail = (m_s & (o_s + W >= T_n))[:, None] & (o_m < M)[None, :]
         o_sm = (r_s[:, None] * H + i_h) * M + o_m[None, :]
         b_zero = tl.zeros([BT, BM], dtype=tl.float32)
-        tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
+        if HAS_DS:
+            tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
         tl.store(dg + o_sm, b_zero.to(dg.dtype.element_ty), mask=m_tail)
     else:
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -390,8 +400,9 @@ def nha_bwd_kv_kernel(
 
 def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
     """(dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0); see nha_core.registry for shapes.
-    ``s`` None means s = 1 - exp(g) (computed in the kernels); ds is then the gradient w.r.t.
-    that derived s (the API chains it into dg)."""
+    ``s`` None means s = 1 - exp(g) (computed in the kernels); with configs.BWD_CHAIN_DERIVED_S
+    dg then includes the path through that s and ds is None, otherwise ds is the gradient
+    w.r.t. the derived s and the API chains it into dg."""
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
@@ -426,8 +437,9 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
     dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
     dvs = torch.empty(B * T, H, V, **f32)
-    ds = torch.empty(B * T, H, M, dtype=dt, device=dev)
+    chain = s is None and configs.BWD_CHAIN_DERIVED_S
     dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
+    ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
     d_buf = torch.empty(B * T, HQ, **f32)
     dhk0 = torch.zeros(p.N, H, K, M, **f32) if hk0 is not None else None
     dhv0 = torch.zeros(p.N, H, M, V, **f32) if hk0 is not None else None
@@ -463,7 +475,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         nha_bwd_slot_kernel[(NB, H)](
             qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, configs.G_FLOOR, SAFE2,
+            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
             LOWP_SL, DOT,
             num_warps=warps,
         )
@@ -471,10 +483,10 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         nha_bwd_kv_kernel[(NB, H)](
             qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BK, BV, BM,
-            has_slots, k_slot is None, cu_seqlens is not None, DOT,
+            has_slots, k_slot is None, not chain, cu_seqlens is not None, DOT,
             num_warps=configs.kv_num_warps(K, V), num_stages=stages,
         )
     shape = lambda x, heads: x.reshape(B, T, heads, x.shape[-1])
     dk_slot = shape(dks, H).to(dt) if k_slot is not None else None
-    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), shape(ds, H),
+    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), None if chain else shape(ds, H),
             shape(dq_slot, HQ) if dq_slot is not None else None, dk_slot, dhk0, dhv0)

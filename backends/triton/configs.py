@@ -60,6 +60,12 @@ BWD_BF16_X1 = False
 # gpu-a, written by bwd_state, read by bwd_slot); no measurable effect on any gradient.
 BWD_BF16_DH = True
 
+# s = None (derived s = 1 - exp(g)): nha_bwd_slot subtracts ds * exp(g) from dg before it stores it
+# and ds is never written (the caller did not ask for it). Off, the API does it in three
+# elementwise passes over [B,T,H,M] (exp, multiply, subtract: ~7 x 67 MB of bf16 traffic at
+# gpu-a, plus the 67 MB ds store), rounding to the input dtype after each.
+BWD_CHAIN_DERIVED_S = True
+
 # Forward window loop in three parts (masked, full blocks without masks, masked) instead of one
 # masked loop over every block of the band.
 WINDOW_SPLIT = True
