@@ -397,13 +397,15 @@ def attention_backward(do, q, k, v, g, o, lse, *, window_size, s=None, q_slot=No
     dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = pre.backend.backward(
         p, x["do"], x["q"], x["k"], x["v"], x["g"], x["s"], x["q_slot"], x["k_slot"], x["o"], x["lse"],
         pre.hk0, pre.hv0, pre.cu)
-    # A derived s = 1 - exp(g) passes its gradient on to g: dg -= ds * exp(g).
+    # A derived s = 1 - exp(g) passes its gradient on to g: dg -= ds * exp(g). A backend with
+    # chains_derived_s did that inside its kernel when it got s = None (then every s was derived).
+    chained = x["s"] is None and pre.backend.chains_derived_s
     derived = np.zeros(int(x["g"].shape[1]), bool)
     if pre.derived_s:
         derived[layout.real if layout.extended else slice(None)] = True
     if layout.extended and not pre.state_s_cache:
         derived[layout.cached] = True
-    if derived.any():
+    if derived.any() and not chained:
         chain = ds * ops.exp(x["g"])
         if not derived.all():
             chain = chain * ops.from_host(derived.reshape(1, -1, 1, 1), like=chain)

@@ -18,7 +18,9 @@ Kernel contract (all shapes time-major, as in FlashAttention and fla)::
 
     backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         -> (dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0)
-        dg is the gradient through the gate alone (the API adds the path through a derived s);
+        dg is the gradient through the gate alone (the API adds the path through a derived s),
+        except for backends with ``chains_derived_s``: given s = None, their dg already includes
+        the derived path ``-ds * exp(g)`` and ds comes back None (nobody asked for it);
         dq_slot / dk_slot are None when q_slot / k_slot are None (their part is inside dq / dk);
         dhk0 / dhv0 are None when hk0 is None. Gradients come in the input dtype, except
         dhk0 / dhv0 in p.state_dtype.
@@ -60,6 +62,7 @@ class Backend:
     array_kind: str = "numpy"           # native arrays the entry points take: numpy | torch | cupy
     auto_devices: tuple | None = None   # device types `auto` may pick it for (None: all it runs on)
     derives_s: bool = False             # takes s = None and computes s = 1 - exp(g) in its kernels
+    chains_derived_s: bool = False      # with s = None, backward's dg includes -ds * exp(g), ds is None
 
     def __init_subclass__(cls, configs=None, **kwargs):
         """``class X(Backend, configs=module)`` reads the capability table from a configs module

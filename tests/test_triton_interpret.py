@@ -120,8 +120,11 @@ def check(p, x, tol=None, backward=True, derive_in_kernel=True):
     want = oracle_backward(p, x, do)
     dg = dg.double()
     if x["s"] is None:
-        # the API adds the path through the derived s = 1 - exp(g)
-        dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"]))
+        # the path through the derived s = 1 - exp(g): in the kernel (configs.BWD_CHAIN_DERIVED_S,
+        # ds is then None) or added by the API
+        assert (ds is None) == (n["s"] is None and tc.BWD_CHAIN_DERIVED_S)
+        if ds is not None:
+            dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"]))
     else:
         assert rel(ds, want["ds"]) <= tol, ("ds", rel(ds, want["ds"]))
     got = {"dq": dq, "dk": dk, "dv": dv, "dg": dg, "dq_slot": dq_slot, "dk_slot": dk_slot,
@@ -154,6 +157,22 @@ def test_materialised_s_matches_derived(small_tiles):
     p, x = make(6, 1, 35, 2, 1, 16, 16, 5, 4, hard=True)
     check(p, x, derive_in_kernel=False)
     check(p, x, derive_in_kernel=True)
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chain-in-kernel", "chain-in-api"])
+@pytest.mark.parametrize("side", ["default", "fp32"], ids=["side-default", "side-fp32"])
+def test_float16_backward_knobs(chain, side, small_tiles, monkeypatch):
+    """The backward's precision knobs (configs.BWD_*): the derived-s chain inside the slot kernel
+    or in the caller, the bf16 side buffers or all-fp32 ones (the pre-split behaviour), on a
+    fp16 case with resets (g = -inf: exp(g) = 0 in the chained path) and one with explicit s."""
+    monkeypatch.setattr(tc, "BWD_CHAIN_DERIVED_S", chain)
+    if side == "fp32":
+        for name, value in (("BWD_BF16_DOTS", ()), ("BWD_BF16_PS_DLS", False), ("BWD_BF16_DH", False),
+                            ("BWD_BF16_STATES", False), ("BWD_BF16_X1", False)):
+            monkeypatch.setattr(tc, name, value)
+    check(*make(4, 1, 24, 2, 1, 16, 16, 4, 5, dtype="float16"))
+    check(*make(5, 1, 35, 2, 1, 16, 16, 5, 3, hard=True, dtype="float16"))
+    check(*make(6, 1, 96, 2, 2, 32, 32, 16, 8, explicit=True, dtype="float16"))
 
 
 def test_default_tiles_one_chunk_and_explicit_path(monkeypatch):

@@ -22,6 +22,11 @@ class TritonBackend(Backend, configs=configs):
     auto_devices = ("cuda",)  # on the CPU only when named: the interpreter is for testing
     derives_s = True  # s = None: the kernels compute s = 1 - exp(g) from the gates they load anyway
 
+    @property
+    def chains_derived_s(self):
+        """dg -= ds * exp(g) inside the slot kernel (configs.BWD_CHAIN_DERIVED_S, read per call)."""
+        return configs.BWD_CHAIN_DERIVED_S
+
     def devices_here(self):
         # No torch import here: the registry reads this to refuse CPU calls cheaply.
         return ("cuda", "cpu") if _interpreting() else ("cuda",)

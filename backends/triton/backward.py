@@ -8,8 +8,8 @@ scheduling. Five launches, in order:
    slot logits Ls, the probabilities from the saved lse, ``D = rowsum(do * o)``, the slot readout
    gradient ``dov = do . Hv(t)`` and ``dLs = Ps * (dov - D)``; writes dq (window part + slot part,
    or the slot part to dq_slot when q_slot was given) and, for the KV-side kernels, Ps, dLs
-   (bfloat16 for 16-bit inputs: they only feed bf16 dots), ``X1 = dLs * Ls + Ps * dov`` (fp32,
-   the <dH(t), H(t)> term of the gate gradient) and D.
+   (bfloat16 for 16-bit inputs, configs.BWD_BF16_PS_DLS), ``X1 = dLs * Ls + Ps * dov`` (fp32,
+   the <dH(t), H(t)> term of the gate gradient, built from the rounded Ps, dLs) and D.
 3. ``nha_bwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` like the forward state kernel,
    reverse pass over chunks,
    ``dH_start = exp(Gc_last) dH_end + sum_heads [scale Qs^T (dLs e^Gc) | do^T (Ps e^Gc)]``;
@@ -123,12 +123,16 @@ def nha_bwd_q_kernel(
         b_adv = tl.dot(b_dof, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)                    # [BT, BT]
         b_dov = tl.dot(b_dof, tl.trans(_op(b_hv, LOWP)), input_precision=DOT) * b_eg
         b_dov += decay_apply(b_adv, b_sx, b_gc, BT, SAFE2, LOWP, DOT)                              # [BT, BM]
-        b_dls = b_ps * (b_dov - b_D[:, None])
+        # Ps and dLs as the slot kernel will read them back (rounded to the buffers' dtype), so
+        # the S dS terms it subtracts from X1 carry the same rounding as X1 and cancel with it
+        b_ps = b_ps.to(ps_buf.dtype.element_ty).to(tl.float32)
+        b_dls = (b_ps * (b_dov - b_D[:, None])).to(dls_buf.dtype.element_ty).to(tl.float32)
         m_tm = m_t[:, None] & m_m[None, :]
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
         tl.store(ps_buf + o_tm, b_ps.to(ps_buf.dtype.element_ty), mask=m_tm)
         tl.store(dls_buf + o_tm, b_dls.to(dls_buf.dtype.element_ty), mask=m_tm)
-        tl.store(x1_buf + o_tm, b_dls * (b_ls * 0.6931471805599453) + b_ps * b_dov, mask=m_tm)
+        tl.store(x1_buf + o_tm, (b_dls * (b_ls * 0.6931471805599453) + b_ps * b_dov).to(x1_buf.dtype.element_ty),
+                 mask=m_tm)
         b_dqs = tl.dot(_op(b_dls * b_eg, LOWP), tl.trans(_op(b_hk, LOWP)), input_precision=DOT)
         b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_ks, LOWP),
                         input_precision=DOT)
@@ -219,10 +223,12 @@ def nha_bwd_slot_kernel(
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+    HAS_S: tl.constexpr, CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """Slot-branch gradients of the chunk's shifted tokens, stored at their tokens p - W:
-    dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype)."""
+    dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype). CHAIN (s
+    derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(block_map + i_b * 2).to(tl.int64)
     i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
@@ -266,7 +272,7 @@ def nha_bwd_slot_kernel(
                            mask=m_t[:, None] & m_v[None, :], other=0.0), LOWP)              # [BT, BV]
         b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                  # [BT, BM]
         b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
-        b_x1 += tl.load(x1_buf + o_tm, mask=m_tm, other=0.0)
+        b_x1 += tl.load(x1_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
         # readouts at t >= j inside the chunk
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                      # [BT, BT]
         b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT) * scale
@@ -286,8 +292,14 @@ def nha_bwd_slot_kernel(
     tl.store(dks + (r_j[:, None] * H + i_h) * K + o_k[None, :], b_dks, mask=m_j[:, None] & m_k[None, :])
     tl.store(dvs + (r_j[:, None] * H + i_h) * V + o_v[None, :], b_dvs, mask=m_j[:, None] & m_v[None, :])
     m_jm = m_j[:, None] & m_m[None, :]
-    tl.store(ds + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_ds.to(ds.dtype.element_ty), mask=m_jm)
-    tl.store(dg + (r_j[:, None] * H + i_h) * M + o_m[None, :], b_dg.to(dg.dtype.element_ty), mask=m_jm)
+    o_jm = (r_j[:, None] * H + i_h) * M + o_m[None, :]
+    if CHAIN:
+        # ds/dg = -exp(g) for the derived s; reloaded (L2-hot) rather than kept live, exp(G_FLOOR) = 0
+        b_g = tl.maximum(tl.load(g + o_jm, mask=m_jm, other=0.0).to(tl.float32), G_FLOOR)      # [BT, BM]
+        b_dg -= b_ds * tl.exp(b_g)
+    else:
+        tl.store(ds + o_jm, b_ds.to(ds.dtype.element_ty), mask=m_jm)
+    tl.store(dg + o_jm, b_dg.to(dg.dtype.element_ty), mask=m_jm)
 
 
 @triton.jit
@@ -323,7 +335,8 @@ def nha_bwd_kv_kernel(
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, IS_VARLEN: tl.constexpr, DOT: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs;
     zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W)."""
@@ -359,7 +372,8 @@ def nha_bwd_kv_kernel(
         m_tail = (m_s & (o_s + W >= T_n))[:, None] & (o_m < M)[None, :]
         o_sm = (r_s[:, None] * H + i_h) * M + o_m[None, :]
         b_zero = tl.zeros([BT, BM], dtype=tl.float32)
-        tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
+        if HAS_DS:
+            tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
         tl.store(dg + o_sm, b_zero.to(dg.dtype.element_ty), mask=m_tail)
     else:
         b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -386,18 +400,20 @@ def nha_bwd_kv_kernel(
 
 def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
     """(dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0); see nha_core.registry for shapes.
-    ``s`` None means s = 1 - exp(g) (computed in the kernels); ds is then the gradient w.r.t.
-    that derived s (the API chains it into dg)."""
+    ``s`` None means s = 1 - exp(g) (computed in the kernels); with configs.BWD_CHAIN_DERIVED_S
+    dg then includes the path through that s and ds is None, otherwise ds is the gradient
+    w.r.t. the derived s and the API chains it into dg."""
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
     cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.pad(M)
-    # bf16 slot dots in the backward cost the gate gradient its accuracy: dg is a reverse
-    # cumsum of X1 - S dS, whose terms nearly cancel, and bf16 rounding of the operands on both
-    # sides left dg at 2.3e-2 (> SPEC's 2e-2) on a small fp16 case where fp32 gave 5e-3. So the
-    # backward keeps fp32 states and TF32 slot dots (configs.BWD_BF16_SLOTS switches).
-    LOWP = lowp(p) and configs.BWD_BF16_SLOTS
+    # 16-bit inputs: which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
+    # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice
+    # there is an accuracy decision (see configs).
+    low = lowp(p)
+    DOTS = configs.BWD_BF16_DOTS if low else ()
+    LOWP_Q, LOWP_ST, LOWP_SL = ("q" in DOTS), ("state" in DOTS), ("slot" in DOTS)
     DOT = dot_precision(p)
     SAFE2 = safe2()
     warps = configs.bwd_num_warps(K, V, M)
@@ -411,7 +427,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
     has_slots = M > 0 and T > 0
-    bdt = torch.bfloat16 if LOWP else torch.float32     # Ps, dLs, dH: only ever dot operands
+    b16 = lambda on: torch.bfloat16 if low and on else torch.float32  # noqa: E731
 
     dq = torch.empty(B * T, HQ, K, dtype=dt, device=dev)
     dq_slot = torch.zeros(B * T, HQ, K, dtype=dt, device=dev) if q_slot is not None else None
@@ -421,18 +437,20 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
     dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
     dvs = torch.empty(B * T, H, V, **f32)
-    ds = torch.empty(B * T, H, M, dtype=dt, device=dev)
+    chain = s is None and configs.BWD_CHAIN_DERIVED_S
     dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
+    ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
     d_buf = torch.empty(B * T, HQ, **f32)
     dhk0 = torch.zeros(p.N, H, K, M, **f32) if hk0 is not None else None
     dhv0 = torch.zeros(p.N, H, M, V, **f32) if hk0 is not None else None
     s_arg = sf if sf is not None else gf
 
     if has_slots:
-        hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT, False, LOWP)
-        ps_buf = torch.empty(B * T, HQ, M, dtype=bdt, device=dev)
-        dls_buf = torch.empty(B * T, HQ, M, dtype=bdt, device=dev)
-        x1_buf = torch.empty(B * T, HQ, M, **f32)
+        hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT, False,
+                                        low and configs.BWD_BF16_STATES)
+        ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
+        dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
+        x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
     else:
         hk_c = hv_c = ps_buf = dls_buf = x1_buf = dvs
     if NB > 0 and T > 0:
@@ -441,34 +459,34 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             dq, dq_slot if dq_slot is not None else dq, ps_buf, dls_buf, x1_buf, d_buf,
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BT, BK, BV, BM,
             has_slots, sf is not None, q_slot is not None, cu_seqlens is not None,
-            configs.G_FLOOR, SAFE2, LOWP, DOT,
+            configs.G_FLOOR, SAFE2, LOWP_Q, DOT,
             num_warps=warps, num_stages=stages,
         )
     if has_slots:
-        dh_k = torch.empty(NC, H, K, M, dtype=bdt, device=dev)
-        dh_v = torch.empty(NC, H, M, V, dtype=bdt, device=dev)
+        dh_k = torch.empty(NC, H, K, M, dtype=b16(configs.BWD_BF16_DH), device=dev)
+        dh_v = torch.empty(NC, H, M, V, dtype=b16(configs.BWD_BF16_DH), device=dev)
         BMS = configs.state_slot_tile(M)
         nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
             qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v,
             dhk0 if dhk0 is not None else dh_k, dhv0 if dhv0 is not None else dh_v, cu, chunk_off,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BMS, hk0 is not None, configs.G_FLOOR, LOWP, DOT,
+            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BMS, hk0 is not None, configs.G_FLOOR, LOWP_ST, DOT,
             num_warps=4,
         )
         nha_bwd_slot_kernel[(NB, H)](
             qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, configs.G_FLOOR, SAFE2,
-            LOWP, DOT,
+            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
+            LOWP_SL, DOT,
             num_warps=warps,
         )
     if NB > 0 and T > 0:
         nha_bwd_kv_kernel[(NB, H)](
             qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BK, BV, BM,
-            has_slots, k_slot is None, cu_seqlens is not None, DOT,
+            has_slots, k_slot is None, not chain, cu_seqlens is not None, DOT,
             num_warps=configs.kv_num_warps(K, V), num_stages=stages,
         )
     shape = lambda x, heads: x.reshape(B, T, heads, x.shape[-1])
     dk_slot = shape(dks, H).to(dt) if k_slot is not None else None
-    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), shape(ds, H),
+    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), None if chain else shape(ds, H),
             shape(dq_slot, HQ) if dq_slot is not None else None, dk_slot, dhk0, dhv0)

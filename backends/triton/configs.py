@@ -29,10 +29,42 @@ G_FLOOR = -200.0
 # logits and weights. Otherwise the kernel takes the explicit per-pair path (slower, always finite).
 SAFE_LIMIT = 40.0
 
-# bf16 operands for the backward's slot dots (and bf16 Ps, dLs, dH buffers). Off: the gate
-# gradient is a sum of nearly cancelling terms and lost its 2e-2 bound with bf16 rounding on a
-# small fp16 case (2.3e-2; fp32 operands 5e-3), so the backward keeps TF32 slot dots.
-BWD_BF16_SLOTS = False
+# Backward, 16-bit inputs: which slot-branch data are bfloat16 (fp32 inputs keep fp32 throughout).
+# The gate gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so every
+# rounding on one side of that difference and not the other shows up in dg magnified; SPEC's
+# limit is 2e-2. History: everything bf16 at once (the old BWD_BF16_SLOTS=True) gave dg 2.3e-2 on
+# a small fp16 case (fp32 operands 5e-3) but ran the backward in 4.32 ms instead of 5.44 at
+# gpu-a on an H200.
+# Measured offline (interpreter, fp16 inputs, bf16 emulated; dg rel. error vs the fp64 oracle at
+# T=24 K=16 M=4 / T=96 K=32 M=16 / the same with explicit s; all fp32 = 5.0e-3 / 5.8e-3 / 1.30e-2),
+# one knob at a time:
+#   bf16 operands in bwd_q 3.2e-2, in bwd_slot 2.8e-2 (over the limit: both sides of X1 - S dS),
+#   in bwd_state no change; bf16 Ps/dLs 3.8e-3 / - / 1.13e-2 (better: X1 is built from the rounded
+#   values); bf16 dH no change; bf16 X1 8.3e-3 / 9.5e-3 / -; bf16 chunk states - / - / 1.58e-2.
+# Kernels whose slot dots take bf16 operands ("q": nha_bwd_q, "state": nha_bwd_state, "slot":
+# nha_bwd_slot); the others take fp32 operands on TF32 tensor cores (half the bf16 rate, twice
+# the registers). bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134
+# registers per thread (asv_bench/triton_resources.py).
+BWD_BF16_DOTS = ("state",)
+# Chunk states Hk_c, Hv_c recomputed in bf16 (half the bytes: 2 x 134 MB fp32 at gpu-a, read by
+# bwd_q and bwd_slot). Off: dg 1.30e-2 -> 1.58e-2 on the explicit-s case, too close to 2e-2.
+BWD_BF16_STATES = False
+# Ps and dLs side buffers [B*T,HQ,M] in bf16 (134 MB each in fp32 at gpu-a, written once by
+# bwd_q, read by bwd_state and bwd_slot): 4 x 67 MB less traffic. bwd_q derives X1 from the
+# rounded values, so X1 - S dS still cancels (dg is more accurate than with fp32 buffers).
+BWD_BF16_PS_DLS = True
+# X1 side buffer [B*T,HQ,M] in bf16 (134 MB in fp32 at gpu-a, written once, read once). Off: X1
+# is one side of the cancelling difference and its own rounding does not cancel (dg x1.6).
+BWD_BF16_X1 = False
+# State gradients dH_k, dH_v per chunk [NC,H,K,M] + [NC,H,M,V] in bf16 (2 x 134 MB in fp32 at
+# gpu-a, written by bwd_state, read by bwd_slot); no measurable effect on any gradient.
+BWD_BF16_DH = True
+
+# s = None (derived s = 1 - exp(g)): nha_bwd_slot subtracts ds * exp(g) from dg before it stores it
+# and ds is never written (the caller did not ask for it). Off, the API does it in three
+# elementwise passes over [B,T,H,M] (exp, multiply, subtract: ~7 x 67 MB of bf16 traffic at
+# gpu-a, plus the 67 MB ds store), rounding to the input dtype after each.
+BWD_CHAIN_DERIVED_S = True
 
 # Forward window loop in three parts (masked, full blocks without masks, masked) instead of one
 # masked loop over every block of the band.
