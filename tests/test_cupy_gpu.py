@@ -167,7 +167,7 @@ def test_backward(name, dtype):
 @pytest.mark.parametrize("name", ["B2-T63-HQ4-H2-K20-V24-M8-W16", "B1-T70-HQ2-H2-K16-V8-M6-W0",
                                   "B2-T10-HQ2-H1-K8-V12-M5-W32-TltW", "B1-T50-HQ3-H3-K12-V12-M0-W7-M0",
                                   "B2-T90-HQ4-H1-K16-V16-M8-W9-slots-init"])
-def test_decode(name, dtype):
+def test_decode_after_prefill(name, dtype):
     """Prefill with the oracle, then 5 decode steps on the GPU against reference.decode_step."""
     p, x = make(CASES[name], dtype)
     _, _, hk, hv = reference.forward(x["q"], x["k"], x["v"], x["g"], **ref_kwargs(p, x))
@@ -197,6 +197,125 @@ def test_decode(name, dtype):
         assert rel(cupy.asnumpy(lse), lse_r) <= TOL[dtype], f"step {step}: lse"
         assert rel(cupy.asnumpy(state.hk), st["hk"]) <= TOL[dtype], f"step {step}: hk"
         assert (cupy.asnumpy(state.seen) == st["seen"]).all()
+
+
+# Decode against reference.decode_step from a random state (any state is a valid one). Each case
+# lists ``seen`` per sequence, so one launch mixes an empty ring, a partly filled one (its unwritten
+# rows are NaN on the device: reading them fails the test), a just-full one, a wrapped one and a huge
+# count. ``splits`` forces configs.DECODE_SPLITS (None: picked from the SM count as in production).
+DECODE_CASES = {
+    # id: HQ, H, K, V, M, W, seen per sequence, options
+    "N4-HQ8-H2-K128-V128-M64-W2048-G4-spec-tile": (8, 2, 128, 128, 64, 2048, [2048, 4100, 700, 1_000_003], {}),
+    "N3-HQ8-H2-K128-V128-M64-W300-G4-splits4": (8, 2, 128, 128, 64, 300, [301, 299, 40], {"splits": 4}),
+    "N3-HQ4-H1-K128-V64-M32-W700-G4-splits1": (4, 1, 128, 64, 32, 700, [1400, 3, 699], {"splits": 1}),
+    "N2-HQ2-H2-K20-V24-M8-W37-G1-unaligned": (2, 2, 20, 24, 8, 37, [90, 11], {}),
+    "N2-HQ6-H2-K12-V8-M5-W7-G3": (6, 2, 12, 8, 5, 7, [7, 30], {"ninf": True}),
+    "N3-HQ8-H1-K64-V32-M16-W100-G8-two-query-chunks": (8, 1, 64, 32, 16, 100, [250, 0, 64], {"splits": 2}),
+    "N2-HQ4-H2-K16-V16-M0-W50-M0": (4, 2, 16, 16, 0, 50, [60, 20], {}),
+    "N2-HQ4-H2-K16-V16-M8-W0-W0": (4, 2, 16, 16, 8, 0, [0, 33], {"ninf": True}),
+    "N3-HQ4-H2-K16-V16-M8-W1-W1": (4, 2, 16, 16, 8, 1, [0, 1, 5], {}),
+    "N2-HQ4-H2-K32-V32-M16-W40-explicit-s-slots": (4, 2, 32, 32, 16, 40, [45, 9], {"s": True, "slots": True}),
+    "N2-HQ4-H2-K32-V32-M16-W0-explicit-s-slots": (4, 2, 32, 32, 16, 0, [3, 8], {"s": True, "slots": True}),
+    "N2-HQ2-H1-K256-V256-M256-W80-max-dims": (2, 1, 256, 256, 256, 80, [100, 50], {"splits": 2}),
+}
+
+
+def _poison_cupy_empty(monkeypatch):
+    """Fresh CuPy buffers start as NaN (bf16 bits as 0x7FC0): unwritten outputs and partials fail loudly."""
+    make = cupy.empty
+
+    def alloc(*args, **kwargs):
+        out = make(*args, **kwargs)
+        if out.dtype.kind == "f":
+            out.fill(np.nan)
+        elif out.dtype == cupy.uint16:
+            out.fill(0x7FC0)
+        return out
+
+    monkeypatch.setattr(cupy, "empty", alloc)
+
+
+def make_decode_state(case, dtype, rng):
+    """Reference state (float64, zeros in rows never written) and the device NHAState (those rows NaN)."""
+    HQ, H, K, V, M, W, seen, opt = case
+    N = len(seen)
+    seen = np.asarray(seen, dtype=np.int64)
+    r = lambda *shape: round_to(rng.standard_normal(shape), dtype)  # noqa: E731
+    g = -rng.uniform(0.02, 1.5, (N, W, H, M))
+    if opt.get("ninf"):
+        g[rng.random(g.shape) < 0.1] = -np.inf
+    st = {"hk": 0.3 * rng.standard_normal((N, H, K, M)).astype(np.float32).astype(np.float64),
+          "hv": 0.3 * rng.standard_normal((N, H, M, V)).astype(np.float32).astype(np.float64),
+          "k_cache": r(N, W, H, K), "v_cache": r(N, W, H, V), "g_cache": round_to(g, dtype),
+          "s_cache": None, "k_slot_cache": r(N, W, H, K) if opt.get("slots") else None,
+          "seen": seen, "window_size": W}
+    if opt.get("s"):
+        st["s_cache"] = round_to(-np.expm1(st["g_cache"]), dtype)
+    written = np.arange(W)[None, :] < np.minimum(seen, W)[:, None]  # [N, W]: rows holding a token
+    dev = {}
+    for name in ("k_cache", "v_cache", "g_cache", "s_cache", "k_slot_cache"):
+        if st[name] is None:
+            continue
+        st[name] = np.where(written[:, :, None, None], st[name], 0.0)
+        dev[name] = to_dev(np.where(written[:, :, None, None], st[name], np.nan), dtype)
+    state = NHAState(hk=cupy.asarray(st["hk"], dtype=cupy.float32), hv=cupy.asarray(st["hv"], dtype=cupy.float32),
+                     seen=cupy.asarray(seen), window_size=W, **dev)
+    return st, state
+
+
+@pytest.mark.parametrize("variant", ["split", "per_head"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_decode(name, dtype, variant, monkeypatch):
+    """3 decode steps from a random state against reference.decode_step: o, lse, the slots, the ring
+    rows holding tokens and seen after every step."""
+    from nha_core.backends.cupy import configs
+
+    case = DECODE_CASES[name]
+    HQ, H, K, V, M, W, seen, opt = case
+    N = len(seen)
+    monkeypatch.setattr(configs, "DECODE_VARIANT", variant)
+    monkeypatch.setattr(configs, "DECODE_SPLITS", opt.get("splits"))
+    _poison_cupy_empty(monkeypatch)
+    rng = np.random.default_rng(3)
+    st, state = make_decode_state(case, dtype, rng)
+    pd = Problem(mode="decode", B=N, T=1, HQ=HQ, H=H, K=K, V=V, M=M, W=W, N=N, dtype=dtype, device="cuda:0",
+                 array_kind="cupy", scale=K ** -0.5, has_s=bool(opt.get("s")), has_q_slot=bool(opt.get("slots")),
+                 has_k_slot=bool(opt.get("slots")), has_initial_state=True)
+    d = lambda a: to_dev(a, dtype)  # noqa: E731
+    tol = TOL[dtype]
+    for step in range(3):
+        r = lambda *shape: round_to(rng.standard_normal(shape), dtype)  # noqa: E731
+        q, k, v = r(N, HQ, K), r(N, H, K), r(N, H, V)
+        g = round_to(-rng.uniform(0.02, 1.5, (N, H, M)), dtype)
+        s = round_to(-np.expm1(g), dtype) if opt.get("s") else None
+        q_slot = r(N, HQ, K) if opt.get("slots") else None
+        k_slot = r(N, H, K) if opt.get("slots") else None
+        o, lse = BACKEND.decode(pd, d(q), d(k), d(v), d(g), d(s), d(q_slot), d(k_slot), state)
+        o_r, lse_r, st = reference.decode_step(q, k, v, g, st, s=s, q_slot=q_slot, k_slot=k_slot, scale=pd.scale)
+        assert rel(to_host(o, dtype), o_r) <= tol, f"step {step}: o"
+        assert rel(cupy.asnumpy(lse), lse_r) <= tol, f"step {step}: lse"
+        if M > 0:
+            assert rel(cupy.asnumpy(state.hk), st["hk"]) <= tol, f"step {step}: hk"
+            assert rel(cupy.asnumpy(state.hv), st["hv"]) <= tol, f"step {step}: hv"
+        assert (cupy.asnumpy(state.seen) == st["seen"]).all()
+        written = np.arange(W)[None, :] < np.minimum(st["seen"], W)[:, None]
+        for cache in ("k_cache", "v_cache", "g_cache", "s_cache", "k_slot_cache"):
+            if getattr(state, cache) is None:
+                continue
+            got = to_host(getattr(state, cache), dtype)[written]
+            want = st[cache][written]
+            assert np.array_equal(got, want), f"step {step}: {cache} rows holding tokens"
+
+
+def test_decode_split_tiles():
+    """The spec decode shape takes the tile ptxas was checked at (BG = 4 query heads, one 16-byte chunk
+    per lane, 128 registers, no spills) and several splits per (sequence, KV head) on an H200."""
+    from nha_core.backends.cupy import configs
+
+    assert configs.decode_tiles(4, 128, 128, 2) == (4, 1)
+    S, RS = configs.decode_splits(64, 8, 1, 2048, 132)
+    assert S > 1 and RS % configs.DECODE_BR == 0 and (S - 1) * RS < 2048 <= S * RS
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

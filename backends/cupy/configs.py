@@ -96,3 +96,59 @@ def pick_bt(p) -> int:
         if all(4 * smem_floats(name, BT, p.K, p.V, p.M) <= SMEM_LIMIT for name in kernels):
             return BT
     raise NotImplementedError(f"cupy: no chunk size fits shared memory for K={p.K} V={p.V} M={p.M}")
+
+
+# Decode (decode.cu). DECODE_VARIANT picks the kernel set, read at every call so a timing script can
+# flip it between calls:
+#   "split"     flash-decoding: window blocks per (sequence, KV head, window split) serve the whole GQA
+#               group, one slot block per (sequence, KV head) evicts and reads the slots, a merge kernel
+#               combines the partials by their log-sum-exps (default)
+#   "per_head"  the first version: one block per query head re-reads its KV head's window (3.54 ms at
+#               the spec decode shape on an H200, see PERF_NOTES.md)
+DECODE_VARIANT = "split"
+DECODE_SPLITS = None  # None: decode_splits() picks; an int forces the window splits (for timing sweeps)
+DECODE_LANES = 16  # lanes per key / value row (decode.cu LR): 16 x 16-byte loads cover a bf16 row of 128
+DECODE_BR = (NT // DECODE_LANES) * 2  # ring rows per window-block step (decode.cu BR = NS * TR, TR = 2)
+DECODE_BG_MAX = 4  # query heads per window block at most (decode.cu BG); larger groups take several blocks
+DECODE_REG_BUDGET = 80  # registers for 2 * BG * EL (queries, accumulator) + 16 * DC (rows in flight):
+                        # ptxas keeps nha_decode_window at <= 128 registers without spills (2 blocks of
+                        # NT threads per SM under __launch_bounds__(NT, 2)); measured with -Xptxas -v
+DECODE_BLOCKS_PER_SM = 8  # window blocks wanted per SM: 2 resident x 4 waves, so the last wave's tail
+                          # and the shorter slot blocks leave little of the chip idle
+DECODE_MIN_SPLIT_ROWS = 256  # fewer ring rows per split and the per-block fixed work (query loads,
+                             # stream merge, partial writes) outweighs the rows streamed
+DECODE_MAX_SPLITS = 64  # partials the merge kernel reads per query head
+
+
+def decode_tiles(G: int, K: int, V: int, cache_itemsize: int):
+    """(BG, DC) of nha_decode_window: DC 16-byte chunks per lane cover a key / value row with
+    DECODE_LANES lanes (rounded to a power of two: few variants); BG query heads per block, a power of
+    two >= G where registers allow (DECODE_REG_BUDGET), else fewer and the group takes several blocks."""
+    vec = 16 // cache_itemsize
+    chunks = -(-(-(-max(K, V) // vec)) // DECODE_LANES)
+    DC = 1
+    while DC < chunks:
+        DC *= 2
+    EL = DC * vec
+    BG = 1
+    while BG < min(G, DECODE_BG_MAX) and 2 * (2 * BG) * EL + 16 * DC <= DECODE_REG_BUDGET:
+        BG *= 2
+    return BG, DC
+
+
+def decode_splits(N: int, H: int, QB: int, W: int, sm_count: int):
+    """(S, RS): window splits per (sequence, KV head, query chunk) and ring rows per split (a multiple
+    of DECODE_BR; split j reads rows j*RS .. j*RS+RS-1). Enough window blocks to give every SM
+    DECODE_BLOCKS_PER_SM of them (sm_count is read from the device: 132 on an H200), but splits of at
+    least DECODE_MIN_SPLIT_ROWS rows. S = 0 when W <= 1: the window then holds only the new token,
+    which the merge kernel reads from the inputs."""
+    if W <= 1:
+        return 0, 0
+    if DECODE_SPLITS is not None:
+        S = int(DECODE_SPLITS)
+    else:
+        S = -(-DECODE_BLOCKS_PER_SM * sm_count // max(1, N * H * QB))
+        S = min(S, -(-W // DECODE_MIN_SPLIT_ROWS))
+    S = max(1, min(S, DECODE_MAX_SPLITS, -(-W // DECODE_BR)))
+    RS = -(-(-(-W // S)) // DECODE_BR) * DECODE_BR
+    return -(-W // RS), RS
