@@ -44,10 +44,12 @@ for step in "$@"; do
       # must leave room inside the timeout (540 s) for discovery and the last job's overrun.
       export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'  # copied tree: other owner
       if ! command -v git >/dev/null; then echo "asv: no git on this host" | tee "$OUT/asv.log"; continue; fi
-      if [ ! -d .git ]; then
+      # (a .git made here by an earlier call is refreshed from the new bundle; a real checkout is left alone)
+      if [ ! -d .git ] || [ -f .git/nha_from_bundle ]; then
         if [ ! -f .whl/repo.bundle ]; then echo "asv: no .git and no .whl/repo.bundle" | tee "$OUT/asv.log"; continue; fi
-        git init -q && git symbolic-ref HEAD refs/heads/main && git fetch -q .whl/repo.bundle HEAD \
-          && git update-ref refs/heads/main FETCH_HEAD && git reset -q || { echo "asv: recreating git history failed" | tee "$OUT/asv.log"; continue; }
+        { [ -d .git ] || git init -q; } && touch .git/nha_from_bundle && git symbolic-ref HEAD refs/heads/main \
+          && git fetch -q -f .whl/repo.bundle HEAD && git update-ref refs/heads/main FETCH_HEAD && git reset -q \
+          || { echo "asv: recreating git history failed" | tee "$OUT/asv.log"; continue; }
       fi
       commit=$(git rev-parse HEAD)
       [ -z "$(git status --porcelain --untracked-files=no -- nha_core backends asv_bench/benchmarks 2>/dev/null)" ] \
@@ -57,13 +59,18 @@ for step in "$@"; do
       machine=${NHA_ASV_MACHINE:-$(echo "${card%%,*}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')}
       machine=${machine:-no-gpu}
       # `asv machine --yes --machine NAME` would store the name alone (asv keeps only the fields that
-      # differ from its defaults), so write ~/.asv-machine.json through asv with every default field
+      # differ from its defaults), so write ~/.asv-machine.json through asv with every field. Every
+      # field is a graph dimension in asv's dashboard: keep them stable across lent hosts of one kind
+      # (os without the kernel release, ram in GiB, the card without the driver version).
       python3 - "$machine" "${card:-none}" > "$OUT/asv.log" 2>&1 <<'PY'
-import sys
+import platform, sys
 from asv.machine import Machine, MachineCollection
-info = dict(Machine.get_defaults(), machine=sys.argv[1], gpu=sys.argv[2])  # asv copies every key to machine.json
+card = [x.strip() for x in sys.argv[2].split(",")]
+info = dict(Machine.get_defaults(), machine=sys.argv[1], os=platform.system(),
+            gpu=card[0] + (f" ({card[1]})" if len(card) > 1 else ""))  # asv copies every key to machine.json
+info["ram"] = f"{round(int(info['ram']) / 2**30)} GiB" if str(info["ram"]).isdigit() else info["ram"]
 MachineCollection.save(sys.argv[1], info)
-print("asv machine:", info)
+print("asv machine:", info, "| driver:", ", ".join(card[2:]))
 PY
       [ $? = 0 ] && (cd asv_bench && NHA_GPU_BUDGET_S=${NHA_GPU_BUDGET_S:-330} timeout ${NHA_ASV_TIMEOUT_S:-540} \
           python3 -m asv run --python=same --set-commit-hash "$commit" --machine "$machine" \
