@@ -29,7 +29,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from benchmarks import calls, common, measure  # noqa: E402
+from benchmarks import calls, common, measure, targets  # noqa: E402
 
 
 def _commit() -> str | None:
@@ -113,6 +113,17 @@ def _fmt(x, digits=3):
     return str(x)
 
 
+def targets_markdown(rows) -> list[str]:
+    """SPEC section 6 targets (benchmarks/targets.py): value, limit, met / not met / not measured."""
+    lines = ["## SPEC targets", "", "| target | shape | impl | value | limit | met |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        note = t.get("detail") or t.get("reason") or ""
+        lines.append(f"| {t['target']} | {t['shape']} | {t['impl']} | {_fmt(t['value'])} | {t['op']} {t['limit']:g} "
+                     f"| {met}{' (' + note + ')' if note else ''} |")
+    return lines
+
+
 def to_markdown(result) -> str:
     lines = [f"# nha_core vs peers — {result['device']}", "",
              f"date {result['date']} · commit {result['commit'] or '?'} · mode {result['mode']}"
@@ -147,6 +158,8 @@ def to_markdown(result) -> str:
                 status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
                 lines.append(f"| {r['impl']} | {_fmt(r.get('rel_err_vs_composition'))} | {status} |")
         lines.append("")
+    if result.get("targets"):
+        lines += targets_markdown(result["targets"]) + [""]
     checks = [r for r in records if r["impl"] == "composition" and r["mode"] == "accuracy"]
     for r in checks:
         lines += ["## composition self-check (gpu-s, T=384, bf16 vs float32 token loop)", "",
@@ -213,12 +226,10 @@ def main(argv=None):
         for r in records:
             if r.get("gbs") and result.get("copy_bandwidth_gbs"):
                 r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
-        decode = {r["impl"]: r["ms"] for r in records if r["mode"] == "decode" and r["status"] == "ok"}
-        for impl, t in decode.items():
-            if impl.startswith("nha_") and "sdpa_kvcache" in decode:
-                result["ratios"].append({"shape": "decode", "mode": "decode", "impl": impl, "peer": "sdpa_kvcache",
-                                         "ratio": t / decode["sdpa_kvcache"]})
+        # (decode ratios vs sdpa_kvcache come from ratio_table: same shape, mode "decode")
     result["records"] = records
+    if not args.cpu:
+        result["targets"] = targets.evaluate(result)
     result["elapsed_s"] = time.perf_counter() - start
 
     with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -3,6 +3,7 @@
 #   bash asv_bench/gpu_session.sh tests     # GPU test suites of triton and cupy
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
+#   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
 set -uo pipefail
 OUT=${OUT:-/tmp/nha_out}
 mkdir -p "$OUT"
@@ -34,14 +35,51 @@ for step in "$@"; do
       timeout 540 python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
         > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;
     asv)
-      # asv needs the git history: recreate it from a carried bundle (git bundle create .whl/repo.bundle HEAD)
-      if [ ! -d .git ]; then git init -q -b main && git fetch -q .whl/repo.bundle HEAD && git update-ref HEAD FETCH_HEAD; fi
-      git config --global --add safe.directory "$PWD"
-      machine=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-' | tr -cd 'A-Za-z0-9-')
-      (cd asv_bench && python3 -m asv machine --yes --machine "$machine" > "$OUT/asv.log" 2>&1 &&
-        timeout 560 python3 -m asv run --python=same --set-commit-hash "$(git rev-parse HEAD)" --machine "$machine" \
-          --bench "bench_gpu.Summary" --show-stderr >> "$OUT/asv.log" 2>&1)
-      tail -30 "$OUT/asv.log"
-      mkdir -p "$OUT/asv" && cp asv_bench/results/"$machine"/*.json "$OUT/asv/" ;;
+      # asv GPU suite, bench_gpu.Summary by default (NHA_ASV_BENCH overrides the regex). asv needs the
+      # git history (commit hash, date, branch "main"); the copied tree has none, so it is recreated
+      # from a bundle made where the tree was committed: `git bundle create .whl/repo.bundle HEAD`.
+      # Results: asv_bench/results/<machine>/<commit8>-existing-*.json (+ machine.json, benchmarks.json),
+      # packed into $OUT/asv_results.tar (extract it in asv_bench/); the log is $OUT/asv.log.
+      # asv writes results only when the run ends: NHA_GPU_BUDGET_S (default 330 s of measuring)
+      # must leave room inside the timeout (540 s) for discovery and the last job's overrun.
+      export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'  # copied tree: other owner
+      if ! command -v git >/dev/null; then echo "asv: no git on this host" | tee "$OUT/asv.log"; continue; fi
+      # (a .git made here by an earlier call is refreshed from the new bundle; a real checkout is left alone)
+      if [ ! -d .git ] || [ -f .git/nha_from_bundle ]; then
+        if [ ! -f .whl/repo.bundle ]; then echo "asv: no .git and no .whl/repo.bundle" | tee "$OUT/asv.log"; continue; fi
+        { [ -d .git ] || git init -q; } && touch .git/nha_from_bundle && git symbolic-ref HEAD refs/heads/main \
+          && git fetch -q -f .whl/repo.bundle HEAD && git update-ref refs/heads/main FETCH_HEAD && git reset -q \
+          || { echo "asv: recreating git history failed" | tee "$OUT/asv.log"; continue; }
+      fi
+      commit=$(git rev-parse HEAD)
+      [ -z "$(git status --porcelain --untracked-files=no -- nha_core backends asv_bench/benchmarks 2>/dev/null)" ] \
+        || echo "asv: WARNING: the tree differs from the bundle's commit ${commit:0:10} (results are filed under it)"
+      # a stable, readable machine name (NVIDIA H200 -> h200) and the card in machine.json ("gpu")
+      card=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
+      machine=${NHA_ASV_MACHINE:-$(echo "${card%%,*}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')}
+      machine=${machine:-no-gpu}
+      # `asv machine --yes --machine NAME` would store the name alone (asv keeps only the fields that
+      # differ from its defaults), so write ~/.asv-machine.json through asv with every field. Every
+      # field is a graph dimension in asv's dashboard: keep them stable across lent hosts of one kind
+      # (os without the kernel release, ram in GiB, the card without the driver version).
+      python3 - "$machine" "${card:-none}" > "$OUT/asv.log" 2>&1 <<'PY'
+import platform, sys
+from asv.machine import Machine, MachineCollection
+card = [x.strip() for x in sys.argv[2].split(",")]
+info = dict(Machine.get_defaults(), machine=sys.argv[1], os=platform.system(),
+            gpu=card[0] + (f" ({card[1]})" if len(card) > 1 else ""))  # asv copies every key to machine.json
+info["ram"] = f"{round(int(info['ram']) / 2**30)} GiB" if str(info["ram"]).isdigit() else info["ram"]
+MachineCollection.save(sys.argv[1], info)
+print("asv machine:", info, "| driver:", ", ".join(card[2:]))
+PY
+      [ $? = 0 ] && (cd asv_bench && NHA_GPU_BUDGET_S=${NHA_GPU_BUDGET_S:-330} timeout ${NHA_ASV_TIMEOUT_S:-540} \
+          python3 -m asv run --python=same --set-commit-hash "$commit" --machine "$machine" \
+          --bench "${NHA_ASV_BENCH:-bench_gpu.Summary}" --show-stderr >> "$OUT/asv.log" 2>&1)
+      echo "asv run exit $?" >> "$OUT/asv.log"
+      tail -40 "$OUT/asv.log"
+      if ls asv_bench/results/"$machine"/*.json >/dev/null 2>&1; then
+        tar -cf "$OUT/asv_results.tar" -C asv_bench results/"$machine" results/benchmarks.json \
+          && tar -tvf "$OUT/asv_results.tar"
+      fi ;;
   esac
 done

@@ -15,9 +15,13 @@ import itertools
 import json
 import math
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+from benchmarks import targets as spec_targets  # noqa: E402  (standard library only)
 
 
 def _rel(path):
@@ -93,10 +97,18 @@ def asv_section(results_dir):
             import datetime
 
             date = datetime.datetime.fromtimestamp(date / 1000, datetime.timezone.utc).date().isoformat()
+        gpu = f"gpu {machine['gpu']} · " if machine.get("gpu") else ""
         lines += [f"### asv: machine `{params.get('machine', '?')}`, commit {data.get('commit_hash', '?')[:10]}", "",
-                  f"source: `{_rel(path)}` · date {date} · cpu {machine.get('cpu', '?')} · "
+                  f"source: `{_rel(path)}` · date {date} · {gpu}cpu {machine.get('cpu', '?')} · "
                   f"{machine.get('num_cpu', '?')} cores · python {params.get('python', '?')}", ""]
         rows = list(_asv_rows(path))
+        # skipped (NaN: setup raised NotImplementedError) and failed (None) combinations: counted, not listed
+        missing = [r for r in rows if r[2] is None or (isinstance(r[2], float) and math.isnan(r[2]))]
+        rows = [r for r in rows if r not in missing]
+        if missing:
+            names = sorted({r[0] for r in missing})
+            lines += [f"{len(missing)} parameter combinations skipped or failed (not measured on this machine) in: "
+                      + ", ".join(f"`{n}`" for n in names), ""]
         times = [r for r in rows if r[0].split(".")[-1].startswith("time_")]
         ratios = [r for r in rows if r[3] == "ratio"]
         others = [r for r in rows if r not in times and r not in ratios]
@@ -110,17 +122,19 @@ def asv_section(results_dir):
                 cells = "; ".join(f"{i} {_fmt_time(v)}" for i, v in impls.items())
                 lines.append(f"| {bench} | {shape} | {dtype} | {cells} |")
             lines.append("")
-        if ratios:
-            lines += ["| benchmark | parameters | NHA / peer |", "|---|---|---|"]
-            for name, p, value, _ in ratios:
-                lines.append(f"| {name.rsplit('.', 1)[-1]} | {', '.join(f'{k}={v}' for k, v in p.items())} | "
-                             f"{_fmt(value)} |")
-            lines.append("")
-        if others:
-            lines += ["| benchmark | parameters | value | unit |", "|---|---|---|---|"]
-            for name, p, value, unit in others:
-                lines.append(f"| {name.split('.', 1)[-1]} | {', '.join(f'{k}={v}' for k, v in p.items())} | "
-                             f"{_fmt(value)} | {unit} |")
+        # other numbers (track_*, peakmem_*; bench_gpu.Summary's): one row per benchmark and the other
+        # parameters, the peer / impl / backend (else the last parameter) values as cells
+        tracked = ratios + others
+        if tracked:
+            grouped = {}
+            for name, p, value, unit in tracked:
+                col = next((k for k in ("peer", "impl", "backend") if k in p), list(p)[-1] if p else None)
+                lead = ", ".join(f"{k}={v}" for k, v in p.items() if k != col)
+                cell = f"{col}={p[col]} **{_fmt(value)}**" if col else f"**{_fmt(value)}**"
+                grouped.setdefault((name.split(".", 1)[-1], unit, lead), []).append(cell)
+            lines += ["| benchmark | unit | parameters | values |", "|---|---|---|---|"]
+            for (bench, unit, lead), cells in grouped.items():
+                lines.append(f"| {bench} | {unit} | {lead} | {'; '.join(cells)} |")
             lines.append("")
     return lines
 
@@ -161,11 +175,36 @@ def compare_section(path):
             lines += ["", "relative error vs the composition: "
                       + ", ".join(f"{r['impl']} {_fmt(r['rel_err_vs_composition'])}" for r in acc)]
         lines.append("")
+    if res.get("mode") == "gpu":
+        rows = res.get("targets") or spec_targets.evaluate(res)  # older files: checked here
+        lines += targets_lines(rows, recorded="targets" in res)
     for r in recs:
         if r["impl"] == "composition" and r["mode"] == "accuracy":
             lines += [f"composition self-check ({r['status']}): output rel. error vs float32 token loop "
                       f"{_fmt(r.get('rel_err_vs_fp32_loop'))}, gradients {r.get('grad_rel_err_vs_fp32_loop')}", ""]
     return lines
+
+
+def targets_lines(rows, recorded=True):
+    """SPEC section 6 targets of one run: value, limit, met / not met / not measured."""
+    met = [t for t in rows if t["met"]]
+    missed = [t for t in rows if t["met"] is False]
+    unknown = [t for t in rows if t["met"] is None]
+    lines = [f"**SPEC section 6 targets** ({'recorded by compare.py' if recorded else 'checked from the records above'}): "
+             f"{len(met)} met, {len(missed)} not met, {len(unknown)} not measured", "",
+             "| target | shape | NHA | value | limit | met |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        if t["met"] is None:
+            continue
+        note = f" ({t['detail']})" if t.get("detail") else ""
+        lines.append(f"| {t['target']} | {t['shape']} | {t['impl']} | {_fmt(t['value'])} | {t['op']} {t['limit']:g} | "
+                     f"{'yes' if t['met'] else '**no**'}{note} |")
+    if unknown:
+        reasons = {}
+        for t in unknown:
+            reasons.setdefault(t.get("reason") or "not measured", []).append(f"{t['shape']} {t['impl']}: {t['target']}")
+        lines += ["", "not measured:"] + [f"* {', '.join(v)} — {k}" for k, v in reasons.items()]
+    return lines + [""]
 
 
 def _commit_text(commit):

@@ -60,3 +60,25 @@ def test_asv_quick_cpu_run(home):
     assert "failed" not in out.lower(), out
     assert "bench_cpu.Forward.time_forward" in out
     assert "bench_cpu.Decode.time_decode_step" in out
+
+
+def _has_cuda():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(_has_cuda(), reason="with CUDA, bench_gpu.Summary measures for minutes")
+def test_asv_gpu_summary_skips_without_cuda(home):
+    """On a machine without CUDA every bench_gpu.Summary number is skipped with its reason, not failed
+    (the GPU session's asv step runs exactly this selection)."""
+    done = _asv("run", "--python=same", "--quick", "--dry-run", "--show-stderr", "--machine", "ci-smoke",
+                "--bench", "bench_gpu.Summary", home=home, timeout=170)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "failed" not in out.lower(), out
+    assert "asv: skipped: NotImplementedError('no CUDA device')" in out, out
+    assert "Summary.track_forward_backward_peak_over_io" in out  # asv shortens long names

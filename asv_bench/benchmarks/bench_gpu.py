@@ -7,10 +7,18 @@
   against the composition; its ``track_*`` benchmarks read those numbers back.
 
 Without CUDA every setup raises NotImplementedError, so a CPU machine skips the whole file.
+A ``Summary`` number that was not measured (a peer missing, a backend failing, the time budget)
+is skipped with its reason (asv_runner's SkipNotImplemented, recorded as n/a), not failed.
 """
 import os
 
 from . import calls, common
+
+try:
+    from asv_runner.benchmarks.mark import SkipNotImplemented
+except Exception:  # older asv_runner, or imported without asv (compare.py does not import this file)
+    class SkipNotImplemented(NotImplementedError):
+        pass
 
 IMPLS = [f"nha_{b}" for b in common.GPU_BACKENDS] + list(calls.GPU_PEERS)
 
@@ -57,13 +65,19 @@ class Decode(_Case):
         self.call.sync()
 
 
+def _skip(reason):
+    """Skip one parameter combination inside a track_* body (setup has already run), saying why."""
+    print(f"asv: skipped: {reason}", flush=True)
+    raise SkipNotImplemented(reason)
+
+
 def _pick(records, **match):
     for r in records:
         if all(r.get(k) == v for k, v in match.items()):
             if r.get("status") != "ok":
-                raise NotImplementedError(f"{match}: {r.get('status')}: {r.get('reason')}")
+                _skip(f"{match}: {r.get('status')}: {r.get('reason')}")
             return r
-    raise NotImplementedError(f"{match}: not measured")
+    _skip(f"{match}: not measured")
 
 
 class Summary:
@@ -87,8 +101,20 @@ class Summary:
         # NHA_GPU_SHAPES (comma list) narrows a run to what fits one command on a lent GPU
         shapes = os.environ.get("NHA_GPU_SHAPES", ",".join(list(common.GPU_SHAPES) + list(common.GPU_DECODE_SHAPES)))
         shapes = shapes.split(",")
+        try:
+            copy_gbs = common.gpu_copy_bandwidth_gbs()
+        except Exception:
+            copy_gbs = None
         records = measure.run_all(shapes, deadline=deadline, log=lambda *a: None)
-        return {"records": records, "ratios": measure.ratio_table(records)}
+        for r in records:
+            if r.get("gbs") and copy_gbs:
+                r["fraction_of_copy_bandwidth"] = r["gbs"] / copy_gbs
+        return {"records": records, "ratios": measure.ratio_table(records), "copy_bandwidth_gbs": copy_gbs}
+
+    def setup(self, cache, *params):
+        # no CUDA (a CPU machine): every Summary benchmark is skipped here, before its body runs
+        if cache.get("error"):
+            raise NotImplementedError(cache["error"])
 
     def _records(self, cache):
         if cache.get("error"):
@@ -138,6 +164,26 @@ class Summary:
     track_decode_gbs.param_names = ["backend"]
     track_decode_gbs.unit = "GB/s"
 
+    def track_decode_fraction_of_copy_bandwidth(self, cache, backend):
+        """Decode GB/s / the device copy bandwidth measured in the same process (target >= 0.6)."""
+        r = _pick(self._records(cache), shape="decode", impl=f"nha_{backend}", mode="decode")
+        if r.get("fraction_of_copy_bandwidth") is None:
+            _skip("copy bandwidth not measured")
+        return r["fraction_of_copy_bandwidth"]
+
+    track_decode_fraction_of_copy_bandwidth.params = (list(common.GPU_BACKENDS),)
+    track_decode_fraction_of_copy_bandwidth.param_names = ["backend"]
+    track_decode_fraction_of_copy_bandwidth.unit = "ratio"
+
+    def track_forward_backward_peak_over_io(self, cache, shape, backend):
+        """(inputs + do resident + peak extra) / bytes of inputs + outputs + gradients (gpu-b target <= 1.3)."""
+        return _pick(self._records(cache), shape=shape, impl=f"nha_{backend}", mode="forward_backward")[
+            "peak_over_io"]
+
+    track_forward_backward_peak_over_io.params = (list(common.GPU_SHAPES), list(common.GPU_BACKENDS))
+    track_forward_backward_peak_over_io.param_names = ["shape", "backend"]
+    track_forward_backward_peak_over_io.unit = "ratio"
+
     def track_ratio(self, cache, shape, mode, backend, peer):
         """NHA time / peer time, same process (targets: <= 1.5 vs flex_window forward, <= 1/8 vs
         composition, gpu-b <= 1/5 vs sdpa_causal, cupy <= 1.25 vs nha_triton)."""
@@ -145,7 +191,7 @@ class Summary:
         for r in cache["ratios"]:
             if (r["shape"], r["mode"], r["impl"], r["peer"]) == (shape, mode, f"nha_{backend}", peer):
                 return r["ratio"]
-        raise NotImplementedError(f"no ratio for {shape} {mode} nha_{backend} / {peer}")
+        _skip(f"no ratio for {shape} {mode} nha_{backend} / {peer}")
 
     track_ratio.params = (list(common.GPU_SHAPES), ["forward", "forward_backward"], list(common.GPU_BACKENDS),
                           list(calls.GPU_PEERS) + ["nha_triton"])

@@ -13,7 +13,7 @@ import math
 import time
 import traceback
 
-from . import calls, common
+from . import calls, common, targets
 
 MIB = 1 << 20
 
@@ -43,6 +43,11 @@ def measure_one(shape, impl, mode, *, dtype=None, quick=False) -> dict:
         rep = 30 if quick else 100
         rec["ms"] = common.gpu_time_ms(call.run, warmup_ms=10 if quick else 25, rep_ms=rep)
         rec["peak_mib"] = common.gpu_peak_bytes(call.run) / MIB
+        if mode == "forward_backward" and impl.startswith("nha_"):
+            # SPEC: peak memory within 1.3x of inputs + outputs + gradients (targets.fwd_bwd_io_bytes)
+            d = dict(shape.__dict__, dtype=rec["dtype"])
+            rec["io_mib"] = targets.fwd_bwd_io_bytes(d)[1] / MIB
+            rec["peak_over_io"] = targets.peak_over_io(d, rec["peak_mib"])
         if "bytes" in call.info:
             rec["bytes"] = call.info["bytes"]
             rec["gbs"] = call.info["bytes"] / (rec["ms"] * 1e-3) / 1e9
