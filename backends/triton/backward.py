@@ -8,7 +8,7 @@ scheduling. Five launches, in order:
    slot logits Ls, the probabilities from the saved lse, ``D = rowsum(do * o)``, the slot readout
    gradient ``dov = do . Hv(t)`` and ``dLs = Ps * (dov - D)``; writes dq (window part + slot part,
    or the slot part to dq_slot when q_slot was given) and, for the KV-side kernels, Ps, dLs
-   (bfloat16 for 16-bit inputs, configs.BWD_BF16_PS_DLS), ``X1 = dLs * Ls + Ps * dov`` (fp32,
+   (bfloat16 for bfloat16 inputs, configs.BWD_BF16_PS_DLS), ``X1 = dLs * Ls + Ps * dov`` (fp32,
    the <dH(t), H(t)> term of the gate gradient, built from the rounded Ps, dLs) and D.
 3. ``nha_bwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` like the forward state kernel,
    reverse pass over chunks,
@@ -408,7 +408,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     f32 = dict(dtype=torch.float32, device=dev)
     cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.pad(M)
-    # 16-bit inputs: which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
+    # bfloat16 inputs (forward.lowp): which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
     # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice
     # there is an accuracy decision (see configs).
     low = lowp(p)

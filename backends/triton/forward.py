@@ -33,9 +33,10 @@ The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied 
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
 
-Precision: for 16-bit inputs every dot takes bfloat16 operands with fp32 accumulation (states,
+Precision: for bfloat16 inputs every dot takes bfloat16 operands with fp32 accumulation (states,
 decays and probabilities are rounded to bf16 right before the dot; the error stays far inside
-SPEC's 2e-2); float32 inputs keep IEEE fp32 dots (SPEC's 1e-3).
+SPEC's 2e-2); float16 inputs keep fp32 slot operands with TF32 dots (see ``lowp``) and fp16 window
+dots; float32 inputs keep IEEE fp32 dots (SPEC's 1e-3).
 """
 from __future__ import annotations
 
@@ -441,13 +442,16 @@ def _plan_tables(lens: tuple, BT: int, device: str):
 
 
 def lowp(p) -> bool:
-    """bf16 dot operands for 16-bit inputs (fp16 too: bf16's range holds any state and decay)."""
-    return p.dtype != "float32"
+    """bf16 operands for the slot-branch dots of bfloat16 inputs. float16 inputs keep fp32
+    operands (TF32 dots): fp16's range cannot hold the factored decays (up to 2^58, SAFE_LIMIT),
+    and rounding them to bf16 instead cost fp16 three mantissa bits, 3-80x the error of the same
+    computation done naively in float16 (SPEC section 5 allows 2x)."""
+    return p.dtype == "bfloat16"
 
 
 def dot_precision(p) -> str:
-    """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); for 16-bit inputs every dot has
-    16-bit operands and the flag is unused."""
+    """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); float16 inputs take TF32 for
+    their fp32 slot operands (10 mantissa bits, as fp16); bf16 dots have bf16 operands."""
     return "ieee" if p.dtype == "float32" else "tf32"
 
 
