@@ -142,6 +142,10 @@ def make_mode(shape, backend, mode, x):
         N = shape.B
         state = nha_core.init_state(N, shape.H, shape.K, shape.V, shape.M, window_size=W, dtype=shape.dtype,
                                     like=q)
+        for name, a in state.arrays().items():  # random state and ring: never time on zeros
+            if name != "seen":
+                a.copy_(torch.randn_like(a, dtype=torch.float32).to(a.dtype))
+        state.g_cache.copy_(-torch.rand_like(state.g_cache, dtype=torch.float32).to(state.g_cache.dtype))
         state.seen.fill_(shape.T)
         return lambda: nha_core.decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state, backend=backend,
                                             in_place=True)

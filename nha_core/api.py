@@ -19,6 +19,7 @@ and write weight s_j, at step j + W. One softmax runs over the M slot logits and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -185,31 +186,59 @@ class _Layout:
             self.seen = np.asarray(interop.to_host(state.seen, kind), dtype=np.int64)
         self.prefix = np.minimum(self.seen, p.W)
         self.extended = bool(self.prefix.any())
-        W, N = p.W, p.N
+        self.W, self.N, self.starts = p.W, p.N, starts
         # Extended, packed positions: sequence n occupies [ext_cu[n], ext_cu[n+1]).
-        ext_lens = self.prefix + lens
-        self.ext_cu = np.concatenate([[0], np.cumsum(ext_lens)]).astype(np.int64)
-        total = int(self.ext_cu[-1])
-        # Source of each extended position: a token of the call, or a row of the ring buffer.
-        self.src_token = np.full(total, -1, np.int64)
-        self.src_ring = np.full(total, -1, np.int64)
-        for n in range(N):
-            c, e0 = int(self.prefix[n]), int(self.ext_cu[n])
+        self.ext_lens = self.prefix + lens
+        self.ext_cu = np.concatenate([[0], np.cumsum(self.ext_lens)]).astype(np.int64)
+        self.final_seen = self.seen + lens
+        # The index maps below are O(tokens) of host work: built on first use only (a prefill
+        # without a state needs none of them, and every microsecond before the first kernel
+        # launch is GPU idle time in a short call).
+
+    @functools.cached_property
+    def _sources(self):
+        """Source of each extended position: a token of the call, or a row of the ring buffer."""
+        total, W = int(self.ext_cu[-1]), self.W
+        src_token = np.full(total, -1, np.int64)
+        src_ring = np.full(total, -1, np.int64)
+        for n in range(self.N):
+            c, e0, L = int(self.prefix[n]), int(self.ext_cu[n]), int(self.lens[n])
             absolute = np.arange(int(self.seen[n]) - c, int(self.seen[n]))
             if c:
-                self.src_ring[e0:e0 + c] = n * W + absolute % W
-            self.src_token[e0 + c:e0 + c + int(lens[n])] = starts[n] + np.arange(int(lens[n]))
-        self.real = np.nonzero(self.src_token >= 0)[0]          # extended position of each token
-        self.real = self.real[np.argsort(self.src_token[self.real])]
-        self.cached = np.nonzero(self.src_ring >= 0)[0]          # extended positions of the prefix
-        # Final ring buffer: row (absolute index % W) holds the last min(len, W) tokens.
-        self.final_src = np.full(N * W, -1, np.int64)
-        for n in range(N):
-            L = int(ext_lens[n])
+                src_ring[e0:e0 + c] = n * W + absolute % W
+            src_token[e0 + c:e0 + c + L] = self.starts[n] + np.arange(L)
+        return src_token, src_ring
+
+    @property
+    def src_token(self):
+        return self._sources[0]
+
+    @property
+    def src_ring(self):
+        return self._sources[1]
+
+    @functools.cached_property
+    def real(self):
+        """Extended position of each token of the call, in the call's order."""
+        real = np.nonzero(self.src_token >= 0)[0]
+        return real[np.argsort(self.src_token[real])]
+
+    @functools.cached_property
+    def cached(self):
+        """Extended positions of the ring-buffer prefix."""
+        return np.nonzero(self.src_ring >= 0)[0]
+
+    @functools.cached_property
+    def final_src(self):
+        """Final ring buffer: row (absolute index % W) holds the last min(len, W) tokens."""
+        W = self.W
+        final_src = np.full(self.N * W, -1, np.int64)
+        for n in range(self.N):
+            L = int(self.ext_lens[n])
             e = np.arange(L - min(L, W), L)
             first_abs = int(self.seen[n]) - int(self.prefix[n])
-            self.final_src[n * W + (first_abs + e) % W] = int(self.ext_cu[n]) + e
-        self.final_seen = self.seen + lens
+            final_src[n * W + (first_abs + e) % W] = int(self.ext_cu[n]) + e
+        return final_src
 
     def gather(self, ops, tokens, ring, trailing: tuple, dtype: str):
         """Extended packed array [1, T_ext, *trailing] from the call's tokens and ring rows."""

@@ -218,7 +218,7 @@ def _decode_call(shape, impl, dtype, seed):
         def run():
             with torch.no_grad():
                 return peers.sdpa_kvcache_decode(q, kc, vc)
-        return Call(run, device=shape.device, keep=(q, kc, vc))
+        return _graphed(Call(run, device=shape.device, keep=(q, kc, vc)))
 
     if not impl.startswith("nha_"):
         raise NotImplementedError(f"{impl} has no decode")
@@ -248,4 +248,37 @@ def _decode_call(shape, impl, dtype, seed):
             o, box["state"] = nha_core.decode_step(step["q"], step["k"], step["v"], step["g"], box["state"],
                                                    backend=backend)
         return o
-    return Call(run, device=shape.device, keep=(x, box), info={"bytes": common.decode_bytes(shape)})
+    return _graphed(Call(run, device=shape.device, keep=(x, box), info={"bytes": common.decode_bytes(shape)}))
+
+
+def _graphed(call: Call) -> Call:
+    """A decode step is a few microseconds of kernels behind tens of microseconds of Python, so
+    serving stacks replay it from a CUDA graph; time it that way when it can be captured. The
+    eager call stays in ``info["eager_run"]`` (measure.py times both) and ``info["timing"]``
+    says which one ``run`` is. CPU calls and steps that cannot be captured (e.g. CuPy kernels
+    launched on CuPy's own stream) stay eager, with the reason."""
+    if call.device != "cuda":
+        call.info["timing"] = "eager"
+        return call
+    import torch
+
+    eager = call.run
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compile and allocate outside the capture
+                eager()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            eager()
+        graph.replay()
+        torch.cuda.synchronize()
+    except Exception as error:
+        torch.cuda.synchronize()
+        call.info["timing"] = f"eager (CUDA graph capture failed: {type(error).__name__}: {str(error)[:120]})"
+        return call
+    call.info.update(timing="cuda graph", eager_run=eager, graph=graph)
+    call.run = graph.replay
+    return call

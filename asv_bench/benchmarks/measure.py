@@ -43,6 +43,9 @@ def measure_one(shape, impl, mode, *, dtype=None, quick=False) -> dict:
         rep = 30 if quick else 100
         rec["ms"] = common.gpu_time_ms(call.run, warmup_ms=10 if quick else 25, rep_ms=rep)
         rec["peak_mib"] = common.gpu_peak_bytes(call.run) / MIB
+        rec["timing"] = call.info.get("timing", "eager")
+        if "eager_run" in call.info:  # graph-replayed decode: the eager call's time too
+            rec["eager_ms"] = common.gpu_time_ms(call.info["eager_run"], warmup_ms=10 if quick else 25, rep_ms=rep)
         if mode == "forward_backward" and impl.startswith("nha_"):
             # SPEC: peak memory within 1.3x of inputs + outputs + gradients (targets.fwd_bwd_io_bytes)
             d = dict(shape.__dict__, dtype=rec["dtype"])

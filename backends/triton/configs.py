@@ -71,10 +71,9 @@ BWD_CHAIN_DERIVED_S = True
 # masked loop over every block of the band.
 WINDOW_SPLIT = True
 
-# Forward slot branch with the factored decays computed once and shared by both intra-chunk
-# dots (S * 2^-Gc) and both readouts (P * 2^Gc): 3 exp2 tiles [BT, BM] per program instead of
-# 7 and one safety check instead of two. False: the shared decay helpers (as the backward).
-FWD_SHARED_FACTORS = True
+# bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
+# operands on TF32 tensor cores, as for float16 inputs.
+BF16_SLOT_DOTS = True
 
 
 def next_pow2(n: int) -> int:
