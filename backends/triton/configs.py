@@ -72,8 +72,11 @@ BWD_CHAIN_DERIVED_S = True
 WINDOW_SPLIT = True
 
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
-# operands on TF32 tensor cores, as for float16 inputs.
-BF16_SLOT_DOTS = True
+# operands on TF32 tensor cores, as for float16 inputs. Off: with it on, nha_fwd_kernel (Triton
+# 3.6, H200, 2026-12-02) made an out-of-range shared-memory access (compute-sanitizer, in a
+# reduction) on the varlen bf16 case B1-T260-HQ4-H1-K64-M16-W33 in 12 of 12 runs, and once on a
+# GQA M=64 case; 0 of 12 with it off. num_stages=1 did not avoid it.
+BF16_SLOT_DOTS = False
 
 
 def next_pow2(n: int) -> int:
