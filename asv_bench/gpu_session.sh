@@ -9,9 +9,10 @@ OUT=${OUT:-/tmp/nha_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1   # keep autotune results (fla's take minutes) on disk between commands
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+# Carried wheels go into the interpreter's own environment (the GPU hosts are throwaway): asv
+# starts its benchmark processes without PYTHONPATH, so a --target folder would hide fla there.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -44,16 +45,21 @@ for step in "$@"; do
       # must leave room inside the timeout (540 s) for discovery and the last job's overrun.
       export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'  # copied tree: other owner
       if ! command -v git >/dev/null; then echo "asv: no git on this host" | tee "$OUT/asv.log"; continue; fi
-      # (a .git made here by an earlier call is refreshed from the new bundle; a real checkout is left alone)
-      if [ ! -d .git ] || [ -f .git/nha_from_bundle ]; then
-        if [ ! -f .whl/repo.bundle ]; then echo "asv: no .git and no .whl/repo.bundle" | tee "$OUT/asv.log"; continue; fi
-        { [ -d .git ] || git init -q; } && touch .git/nha_from_bundle && git symbolic-ref HEAD refs/heads/main \
-          && git fetch -q -f .whl/repo.bundle HEAD && git update-ref refs/heads/main FETCH_HEAD && git reset -q \
-          || { echo "asv: recreating git history failed" | tee "$OUT/asv.log"; continue; }
+      # The commit comes from the bundle, cloned beside the tree: the tree copied to a GPU host may
+      # carry a .git of an older commit (seen 2026-12-02: results filed under the session's base).
+      # asv reads only hashes, dates and the branch from it (--python=same builds nothing).
+      repo=$PWD
+      if [ -f .whl/repo.bundle ]; then
+        repo=/tmp/nha_repo
+        rm -rf "$repo" && git clone -q .whl/repo.bundle "$repo" && git -C "$repo" checkout -q -B main \
+          || { echo "asv: cloning .whl/repo.bundle failed" | tee "$OUT/asv.log"; continue; }
+      elif [ ! -d .git ]; then
+        echo "asv: no .git and no .whl/repo.bundle (git bundle create .whl/repo.bundle HEAD)" | tee "$OUT/asv.log"; continue
       fi
-      commit=$(git rev-parse HEAD)
-      [ -z "$(git status --porcelain --untracked-files=no -- nha_core backends asv_bench/benchmarks 2>/dev/null)" ] \
-        || echo "asv: WARNING: the tree differs from the bundle's commit ${commit:0:10} (results are filed under it)"
+      sed "s#\"repo\": \"..\",#\"repo\": \"$repo\",#" asv_bench/asv.conf.json > asv_bench/asv.session.conf.json
+      commit=$(git -C "$repo" rev-parse HEAD)
+      [ -z "$(git --git-dir="$repo/.git" --work-tree=. status --porcelain --untracked-files=no -- nha_core backends asv_bench/benchmarks 2>/dev/null)" ] \
+        || echo "asv: WARNING: the tree differs from commit ${commit:0:10} (results are filed under it)"
       # a stable, readable machine name (NVIDIA H200 -> h200) and the card in machine.json ("gpu")
       card=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)
       machine=${NHA_ASV_MACHINE:-$(echo "${card%%,*}" | tr 'A-Z' 'a-z' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\{1,\}/-/g' -e 's/^-//' -e 's/-$//')}
@@ -73,7 +79,7 @@ MachineCollection.save(sys.argv[1], info)
 print("asv machine:", info, "| driver:", ", ".join(card[2:]))
 PY
       [ $? = 0 ] && (cd asv_bench && NHA_GPU_BUDGET_S=${NHA_GPU_BUDGET_S:-330} timeout ${NHA_ASV_TIMEOUT_S:-540} \
-          python3 -m asv run --python=same --set-commit-hash "$commit" --machine "$machine" \
+          python3 -m asv run --config asv.session.conf.json --python=same --set-commit-hash "$commit" --machine "$machine" \
           --bench "${NHA_ASV_BENCH:-bench_gpu.Summary}" --show-stderr >> "$OUT/asv.log" 2>&1)
       echo "asv run exit $?" >> "$OUT/asv.log"
       tail -40 "$OUT/asv.log"
