@@ -286,8 +286,9 @@ def _derive_s(ops, g):
     if ops.native == "torch":
         wide = g.float() if g.dtype in (ops.lib.float16, ops.lib.bfloat16) else g
         return (-ops.lib.expm1(wide)).to(g.dtype)
-    wide = g if g.dtype in (np.float32, np.float64) else g.astype(np.float32)
-    return (-ops.lib.expm1(wide)).astype(g.dtype)
+    wide = ops.widen(g)  # CuPy bfloat16 bits -> float32 values
+    wide = wide if wide.dtype in (np.float32, np.float64) else wide.astype(np.float32)
+    return ops.narrow(-ops.lib.expm1(wide), like=g)
 
 
 def _prepare(mode, arrays, *, window_size, scale, initial_state, cu_seqlens, backend,
@@ -435,10 +436,10 @@ def attention_backward(do, q, k, v, g, o, lse, *, window_size, s=None, q_slot=No
     if layout.extended and not pre.state_s_cache:
         derived[layout.cached] = True
     if derived.any() and not chained:
-        chain = ds * ops.exp(x["g"])
+        chain = ops.widen(ds) * ops.exp(ops.widen(x["g"]))
         if not derived.all():
             chain = chain * ops.from_host(derived.reshape(1, -1, 1, 1), like=chain)
-        dg = dg - chain
+        dg = ops.narrow(ops.widen(dg) - chain, like=dg)
     kind, native = interop.array_kind(q, "q"), pre.backend.array_kind
     out = lambda a: interop.to_caller(a, kind, native)  # noqa: E731
     if not layout.extended:
@@ -452,7 +453,7 @@ def attention_backward(do, q, k, v, g, o, lse, *, window_size, s=None, q_slot=No
     B, T = q.shape[0], q.shape[1]
     real = lambda a: ops.take(a, layout.real, 1).reshape((B, T) + tuple(a.shape[2:]))  # noqa: E731
     if k_slot is None and dk_slot is not None:   # k_slot was k for the new tokens
-        dk_real = real(dk) + real(dk_slot)
+        dk_real = ops.add(real(dk), real(dk_slot))
     else:
         dk_real = real(dk)
     N, W = len(layout.lens), p.W
@@ -466,7 +467,7 @@ def attention_backward(do, q, k, v, g, o, lse, *, window_size, s=None, q_slot=No
 
     dk_cache = ring(dk)
     if dk_slot is not None and not pre.state_k_slot_cache:  # cached k_slot was k_cache
-        dk_cache = dk_cache + ring(dk_slot)
+        dk_cache = ops.add(dk_cache, ring(dk_slot))
     dstate = NHAState(
         hk=dhk0, hv=dhv0, k_cache=dk_cache, v_cache=ring(dv), g_cache=ring(dg),
         s_cache=ring(ds) if pre.state_s_cache else None,
@@ -515,9 +516,10 @@ def init_state(N, H, K, V, M, *, window_size, dtype="float32", like=None, with_s
         s_cache=ops.zeros((N, W, H, M), dtype) if with_s else None,
         k_slot_cache=ops.zeros((N, W, H, K), dtype) if with_k_slot else None,
     )
-    if kind in ("numpy", "torch", "cupy"):
+    if kind in ("numpy", "torch"):
         return state
-    return NHAState(**{f: interop.to_caller(a, kind, "numpy") if f != "window_size" else a
+    # CuPy's bfloat16 caches are uint16 bits: to_caller views them as the caller's bfloat16.
+    return NHAState(**{f: interop.to_caller(a, kind, ops.native) if f != "window_size" else a
                        for f, a in state.__dict__.items()})
 
 

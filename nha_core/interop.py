@@ -9,6 +9,23 @@ import numpy as np
 
 _DLPACK_CPU, _DLPACK_CUDA = 1, 2
 
+# CuPy has no bfloat16 dtype before v14 (v14 borrows ml_dtypes'), so on the cupy side bfloat16 data
+# is always its uint16 bit pattern: backends/cupy reads it as __nv_bfloat16 and allocates its
+# bfloat16 outputs as uint16. It crosses DLPack as int16 (every CuPy and torch version knows int16)
+# and is viewed back as bfloat16 for the caller (to_native / to_caller). NumPy stays as it is.
+BF16_BITS = "uint16"
+
+
+def bf16_bits_to_float32(bits):
+    """uint16 bfloat16 bit patterns -> the float32 values they hold (exact); NumPy or CuPy."""
+    return (bits.astype("uint32") << 16).view("float32")
+
+
+def float32_to_bf16_bits(x):
+    """float32 values -> uint16 bfloat16 bit patterns, rounded to nearest even; NumPy or CuPy."""
+    b = x.astype("float32").view("uint32")
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(BF16_BITS)
+
 
 def array_kind(x, name: str) -> str:
     """The array library of ``x``: numpy, torch, cupy, jax or other (any ``__dlpack__`` object)."""
@@ -57,6 +74,8 @@ def to_native(x, target: str, kind: str):
         return x
     if kind == "torch":
         x = x.detach()  # the plain API is not differentiable; nha_core.torch adds autograd
+    if target == "cupy":
+        return _to_cupy(x, kind)
     if kind == target:
         return x
     if target == "numpy":
@@ -68,16 +87,53 @@ def to_native(x, target: str, kind: str):
             # torch.from_numpy keeps strides; negative strides need a copy.
             return torch.from_numpy(x if all(s >= 0 for s in x.strides) else x.copy())
         return torch.from_dlpack(x)
-    if target == "cupy":
-        import cupy
-
-        return cupy.from_dlpack(x)
     raise ValueError(f"unknown native array kind {target!r}")
+
+
+def _to_cupy(x, kind: str):
+    """``x`` as a CuPy array; bfloat16 as its uint16 bits (:data:`BF16_BITS`)."""
+    import cupy
+
+    if dtype_name(x, kind) != "bfloat16":
+        return x if kind == "cupy" else cupy.from_dlpack(x)
+    if kind == "torch":
+        import torch
+
+        x = x.view(torch.int16)  # DLPack bf16 needs CuPy 14; int16 does not
+    a = x if kind == "cupy" else cupy.from_dlpack(x)
+    return a.view(cupy.uint16)
+
+
+def _bf16_from_cupy(y, kind: str):
+    """CuPy bfloat16 bits -> a bfloat16 array of the caller's library (zero copy)."""
+    import cupy
+
+    if kind == "torch":
+        import torch
+
+        return torch.from_dlpack(y.view(cupy.int16)).view(torch.bfloat16)
+    if kind == "cupy":
+        try:
+            import ml_dtypes  # CuPy 14's bfloat16 dtype
+        except ImportError:
+            raise TypeError("bfloat16: this CuPy has no bfloat16 dtype (CuPy 14 with ml_dtypes has); "
+                            "pass torch tensors for bfloat16") from None
+        return y.view(ml_dtypes.bfloat16)
+    if kind == "jax":
+        import jax.dlpack
+        import jax.numpy as jnp
+
+        return jax.lax.bitcast_convert_type(jax.dlpack.from_dlpack(y.view(cupy.int16)), jnp.bfloat16)
+    return y  # NumPy / other callers never hold CUDA bfloat16
 
 
 def to_caller(y, kind: str, native: str):
     """Return the backend's result ``y`` as the caller's array type (``other`` gets NumPy)."""
-    if y is None or kind == native:
+    if y is None:
+        return y
+    if native == "cupy" and y.dtype == BF16_BITS:
+        return _bf16_from_cupy(y, kind)
+    if kind == native:
         return y
     if kind in ("numpy", "other"):
         if native == "torch":
@@ -113,6 +169,8 @@ class NativeOps:
     """The handful of array operations the API layer needs, for one native library and device.
 
     NumPy, torch and CuPy spell these alike except for ``dim``/``axis`` and device placement.
+    CuPy's bfloat16 arrays are uint16 bits (:data:`BF16_BITS`): arithmetic on them goes through
+    :meth:`widen` / :meth:`narrow`.
     """
 
     def __init__(self, native: str, device: str):
@@ -129,7 +187,27 @@ class NativeOps:
             self.lib = np
 
     def dtype(self, name: str):
+        if self.native == "cupy" and name == "bfloat16":
+            return np.dtype(BF16_BITS)
         return getattr(self.lib, name)
+
+    def widen(self, x):
+        """``x`` ready for arithmetic: CuPy bfloat16 bits as float32 values, anything else as is."""
+        if self.native == "cupy" and x.dtype == BF16_BITS:
+            return bf16_bits_to_float32(x)
+        return x
+
+    def narrow(self, y, like):
+        """Arithmetic result ``y`` back in the dtype of ``like`` (bfloat16 bits round to nearest even)."""
+        if self.native == "cupy" and like.dtype == BF16_BITS:
+            return float32_to_bf16_bits(y)
+        if self.native == "torch":
+            return y.to(like.dtype)
+        return y.astype(like.dtype, copy=False)
+
+    def add(self, a, b):
+        """a + b in the dtype of ``a``."""
+        return self.narrow(self.widen(a) + self.widen(b), like=a)
 
     def index(self, host_index: np.ndarray):
         """A host int64 index array moved to the native device."""
@@ -141,7 +219,7 @@ class NativeOps:
         """A host array moved to the native device with the dtype of ``like``."""
         if self.native == "torch":
             return self.lib.as_tensor(host, device=self.device).to(like.dtype)
-        return self.lib.asarray(host).astype(like.dtype)
+        return self.narrow(self.lib.asarray(host), like)
 
     def zeros(self, shape, dtype: str):
         if self.native == "torch":

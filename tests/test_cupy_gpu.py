@@ -333,3 +333,110 @@ def test_forward_derived_s(dtype):
 
 def test_availability_reason():
     assert BACKEND.availability() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the public API and the torch adapter, with torch CUDA tensors (as asv_bench/benchmarks/
+# calls.py drives them). Regressions from an H200 run (torch 2.11, cupy-cuda13x 14.2):
+#  - attention(..., output_final_state=True, backend="cupy") on bfloat16 raised AttributeError:
+#    module 'cupy' has no attribute 'bfloat16' (the final state's ring buffer, NativeOps.zeros);
+#  - nha_core.torch.attention(..., backend="cupy") on bfloat16 returned a torch.uint16 output (the
+#    backend's bfloat16 bits came back through DLPack unviewed), so it had no grad_fn and
+#    torch.autograd.grad raised "element 0 of tensors does not require grad".
+# The CPU side of the same convention is in tests/test_cupy_interop.py.
+
+API_CASES = {
+    # id: B, T, HQ, H, K, V, M, W
+    "B2-T40-HQ4-H2-K32-V32-M16-W9-tc": (2, 40, 4, 2, 32, 32, 16, 9),       # tensor-core forward
+    "B2-T23-HQ4-H2-K20-V12-M5-W6-cuda-core": (2, 23, 4, 2, 20, 12, 5, 6),  # CUDA-core forward
+}
+
+
+def _torch_rounded(shape_or_array, dtype, rng=None):
+    """fp64 data -> (the CUDA tensor in ``dtype``, the fp64 values it holds for the oracle)."""
+    import torch
+
+    a = rng.standard_normal(shape_or_array) if rng is not None else shape_or_array
+    t = torch.as_tensor(np.asarray(a), device="cuda").to(getattr(torch, dtype))
+    return t, t.double().cpu().numpy()
+
+
+def _torch_host(t, dtype):
+    import torch
+
+    assert t.dtype == getattr(torch, dtype), f"expected {dtype}, got {t.dtype}"
+    return t.detach().double().cpu().numpy()
+
+
+def _api_inputs(case, dtype, seed=0):
+    B, T, HQ, H, K, V, M, W = case
+    rng = np.random.default_rng(seed)
+    dev, ref = {}, {}
+    for n, shape in (("q", (B, T, HQ, K)), ("k", (B, T, H, K)), ("v", (B, T, H, V))):
+        dev[n], ref[n] = _torch_rounded(shape, dtype, rng)
+    dev["g"], ref["g"] = _torch_rounded(-rng.uniform(0.02, 1.5, (B, T, H, M)), dtype)
+    return dev, ref
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(API_CASES))
+def test_api_torch_prefill_state_then_decode_in_place(name, dtype):
+    """attention(output_final_state=True, backend="cupy") on torch tensors, then 3 in-place
+    decode_step calls: outputs, state dtypes (torch, the input dtype for the caches) and values."""
+    torch = pytest.importorskip("torch")
+    import nha_core
+
+    case = API_CASES[name]
+    B, T, HQ, H, K, V, M, W = case
+    dev, ref = _api_inputs(case, dtype)
+    o, _, state = nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W,
+                                     output_final_state=True, backend="cupy")
+    o_r, _, hk_r, hv_r = reference.forward(ref["q"], ref["k"], ref["v"], ref["g"], window_size=W)
+    assert rel(_torch_host(o, dtype), o_r) <= TOL[dtype]
+    assert state.hk.dtype == torch.float32 and state.seen.dtype == torch.int64
+    assert rel(state.hk.cpu().numpy(), hk_r) <= TOL[dtype] and rel(state.hv.cpu().numpy(), hv_r) <= TOL[dtype]
+    st = reference.state_from_prefill(ref["k"], ref["v"], ref["g"], hk_r, hv_r, window_size=W)
+    for f in ("k_cache", "v_cache", "g_cache"):
+        assert np.array_equal(_torch_host(getattr(state, f), dtype), st[f]), f
+    st["hk"] = state.hk.double().cpu().numpy()  # the oracle continues from the same fp32 state
+    st["hv"] = state.hv.double().cpu().numpy()
+
+    rng = np.random.default_rng(4)
+    for step in range(3):
+        t_dev, t_ref = {}, {}
+        for n, shape in (("q", (B, HQ, K)), ("k", (B, H, K)), ("v", (B, H, V))):
+            t_dev[n], t_ref[n] = _torch_rounded(shape, dtype, rng)
+        t_dev["g"], t_ref["g"] = _torch_rounded(-rng.uniform(0.02, 1.5, (B, H, M)), dtype)
+        o_t, new = nha_core.decode_step(t_dev["q"], t_dev["k"], t_dev["v"], t_dev["g"], state, backend="cupy",
+                                        in_place=True)
+        o_r, _, st = reference.decode_step(t_ref["q"], t_ref["k"], t_ref["v"], t_ref["g"], st)
+        assert rel(_torch_host(o_t, dtype), o_r) <= TOL[dtype], f"step {step}: o"
+        assert new.k_cache.data_ptr() == state.k_cache.data_ptr(), "in_place: the caller's arrays"
+        assert rel(state.hk.cpu().numpy(), st["hk"]) <= TOL[dtype], f"step {step}: hk"
+        assert (state.seen.cpu().numpy() == st["seen"]).all()
+        for f in ("k_cache", "v_cache", "g_cache"):
+            assert np.array_equal(_torch_host(getattr(state, f), dtype), st[f]), f"step {step}: {f}"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("name", list(API_CASES))
+def test_torch_adapter_forward_backward(name, dtype):
+    """nha_core.torch.attention(backend="cupy") on leaves, then torch.autograd.grad (the asv
+    forward_backward call): o and dq, dk, dv, dg in the input dtype within SPEC section 5."""
+    torch = pytest.importorskip("torch")
+    import nha_core.torch as nt
+
+    case = API_CASES[name]
+    B, T, HQ, H, K, V, M, W = case
+    dev, ref = _api_inputs(case, dtype)
+    leaves = [dev[n].detach().requires_grad_(True) for n in ("q", "k", "v", "g")]
+    o = nt.attention(*leaves, window_size=W, backend="cupy")
+    assert o.dtype == leaves[0].dtype and o.grad_fn is not None
+    do, do_r = _torch_rounded((B, T, HQ, V), dtype, np.random.default_rng(1))
+    grads = torch.autograd.grad(o, leaves, do)
+    o_r = reference.forward(ref["q"], ref["k"], ref["v"], ref["g"], window_size=W)[0]
+    assert rel(_torch_host(o, dtype), o_r) <= TOL[dtype]
+    g_r = reference.backward(do_r, ref["q"], ref["k"], ref["v"], ref["g"], window_size=W)
+    for key, grad in zip(("dq", "dk", "dv", "dg"), grads):
+        err = rel(_torch_host(grad, dtype), g_r[key])
+        assert err <= TOL[dtype], f"{key}: relative error {err:.2e}"

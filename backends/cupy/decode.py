@@ -18,7 +18,8 @@ from .forward import NULL, c
 
 _LOG2E = 1.4426950408889634
 _CACHE_TYPE = {"float32": "float", "float16": "__half", "uint16": "__nv_bfloat16",
-               "bfloat16": "__nv_bfloat16"}  # CuPy 14 views torch bf16 as a bfloat16 dtype
+               "bfloat16": "__nv_bfloat16"}  # CuPy 14's own bfloat16 arrays, from direct callers
+                                             # (the API passes bfloat16 as uint16 bits: interop.BF16_BITS)
 
 
 def decode(p, q, k, v, g, s, q_slot, k_slot, state):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from nha_core.interop import bf16_bits_to_float32, float32_to_bf16_bits
+
 from . import configs, kernels, launch
 
 NULL = np.uint64(0)  # a null pointer argument
@@ -70,11 +72,8 @@ def derived_s(g):
     """s = 1 - exp(g) for the kernels that need it materialised (derives_s: the API passes None)."""
     import cupy
 
-    if g.dtype == cupy.uint16:  # bfloat16 bits
-        x = (g.astype(cupy.uint32) << 16).view(cupy.float32)
-        y = -cupy.expm1(x)
-        b = y.view(cupy.uint32)
-        return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(cupy.uint16)  # round to nearest even
+    if g.dtype == cupy.uint16:  # bfloat16 bits (nha_core.interop.BF16_BITS)
+        return float32_to_bf16_bits(-cupy.expm1(bf16_bits_to_float32(g)))
     return (-cupy.expm1(g.astype(cupy.float32))).astype(g.dtype)
 
 
