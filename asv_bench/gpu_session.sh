@@ -28,10 +28,14 @@ for step in "$@"; do
       tail -15 "$OUT/properties_gpu.log" ;;
     properties)
       NHA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/properties_gpu.log" ;;
-    profile)
-      timeout 150 python3 asv_bench/profile_gpu.py --backend triton --shape gpu-a 2>&1 | tee "$OUT/profile_triton.log" ;;
+    profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
+      { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"
+        timeout 60 python3 asv_bench/tune_gpu.py --backend triton --shape decode --modes decode --out "$OUT"; } \
+        > "$OUT/profile_triton.log" 2>&1; grep -A3 "^variant" "$OUT/profile_triton.log" ;;
     profile-cupy)
-      timeout 200 python3 asv_bench/profile_gpu.py --backend cupy --shape gpu-a 2>&1 | tee "$OUT/profile_cupy.log" ;;
+      { timeout 200 python3 asv_bench/tune_gpu.py --backend cupy --shape gpu-a --modes forward --out "$OUT"
+        timeout 60 python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT"; } \
+        > "$OUT/profile_cupy.log" 2>&1; grep -A3 "^variant" "$OUT/profile_cupy.log" ;;
     compare)
       timeout 540 python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
         > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;

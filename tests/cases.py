@@ -316,3 +316,15 @@ def naive_results(p, low, cu_seqlens, do):
             grad = leaf[arg].grad
             res[name] = torch.zeros_like(leaf[arg]) if grad is None else grad
     return res
+
+
+def assert_within_twice_naive(got: dict, naive: dict, want: dict, dtype: str, rel, tol: float = 2e-2):
+    """SPEC section 5 for float16/bfloat16: every output, state and gradient of ``got`` is within
+    ``tol`` of the fp64 oracle ``want`` and within twice the error of ``naive`` (naive_results)
+    plus LOWP_FLOOR. ``rel(a, ref)`` is the caller's relative error for its array type."""
+    for name in ("o", "lse", "hk", "hv", *GRAD_OF):
+        assert (got[name] is None) == (want[name] is None), name
+        if want[name] is None:
+            continue
+        err, err_naive = rel(got[name], want[name]), rel(naive[name], want[name])
+        assert err <= tol and err <= 2 * err_naive + LOWP_FLOOR[dtype], (name, err, err_naive)
