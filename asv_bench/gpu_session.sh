@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels and the package, then run the given steps, logging to $OUT.
-#   bash asv_bench/gpu_session.sh tests     # GPU test suites of triton and cupy
+#   bash asv_bench/gpu_session.sh tests     # GPU test suites of triton and cupy (pytest-xdist, 8 workers)
+#   bash asv_bench/gpu_session.sh repro-bf16  # the bf16 slot-dot fault, with and without the candidate fix
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -18,9 +19,13 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    tests)
-      timeout 200 python3 -m pytest -m gpu tests/test_triton_gpu.py -q -x -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/triton_gpu.log"
-      timeout 120 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/cupy_gpu.log" ;;
+    tests)     # every GPU test file, 8 pytest-xdist workers (compiles dominate; a CUDA fault ends one worker only)
+      timeout ${NHA_TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_triton_gpu.py tests/test_cupy_gpu.py \
+        tests/test_naive_lowp.py -q -rf -n 8 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
+    repro-bf16)   # the bf16 slot-dot fault (asv_bench/triton_tuning_notes.md), one process per setting
+      for setting in "" "BF16_SLOT_DOTS=True" "BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64"; do
+        timeout 90 python3 asv_bench/repro_bf16_slots.py 12 $setting 2>&1 | grep -E "bad|Error" | tail -2
+      done | tee "$OUT/repro_bf16.log" ;;
     tests-quick)
       timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
       NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \

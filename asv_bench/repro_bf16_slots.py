@@ -6,6 +6,7 @@ within SPEC's bf16 bound or whose gradients are not finite. Config overrides as 
 
     python3 asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True     # failed 12/12 on an H200 (2026-12-02)
     python3 asv_bench/repro_bf16_slots.py 12                         # the default (TF32 slot dots): 0/12
+    python3 asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64   # not yet run
     compute-sanitizer --tool memcheck python3 asv_bench/repro_bf16_slots.py 2 BF16_SLOT_DOTS=True
 
 An illegal memory access ends the process (the CUDA context is lost): run one setting per process.

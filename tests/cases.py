@@ -328,3 +328,39 @@ def assert_within_twice_naive(got: dict, naive: dict, want: dict, dtype: str, re
             continue
         err, err_naive = rel(got[name], want[name]), rel(naive[name], want[name])
         assert err <= tol and err <= 2 * err_naive + LOWP_FLOOR[dtype], (name, err, err_naive)
+
+
+def triton_lowp_results(p, x, device):
+    """The Triton kernels, ``naive_results`` and the fp64 oracle on the same inputs rounded to
+    ``p.dtype`` first (the initial state too), so the errors measure arithmetic alone.
+
+    ``x``: kernel_inputs' float64 arrays; ``device``: "cuda", or "cpu" under TRITON_INTERPRET=1.
+    Returns (got, naive, want), dicts by output/gradient name; a derived s's gradient is folded
+    into dg (in the kernel with BWD_CHAIN_DERIVED_S, or here) and ds is None.
+    """
+    import torch
+
+    from nha_core.backends.triton.backward import backward
+    from nha_core.backends.triton.forward import forward
+
+    dt = getattr(torch, p.dtype)
+    low = {n: None if a is None or n == "cu" else torch.from_numpy(a).to(device, dt) for n, a in x.items()}
+    x = {n: a if a is None or n == "cu" else low[n].double().cpu().numpy() for n, a in x.items()}
+    cu = None if x["cu"] is None else torch.from_numpy(x["cu"]).to(device)
+    hk0 = None if low["hk0"] is None else low["hk0"].float()   # kernels take the state in fp32
+    hv0 = None if low["hv0"] is None else low["hv0"].float()
+    ins = (low["q"], low["k"], low["v"], low["g"], low["s"], low["q_slot"], low["k_slot"])
+    o, lse, hk, hv = forward(p, *ins, hk0, hv0, cu)
+    do = torch.from_numpy(np.random.default_rng(3).standard_normal(o.shape)).to(device, dt)
+    dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = backward(p, do, *ins, o, lse, hk0, hv0, cu)
+    dg = dg.double()
+    if x["s"] is None:
+        if ds is not None:
+            dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"])).to(device)
+        ds = None
+    got = {"o": o, "lse": lse, "hk": hk, "hv": hv, "dq": dq, "dk": dk, "dv": dv, "dg": dg, "ds": ds,
+           "dq_slot": dq_slot, "dk_slot": dk_slot, "dhk0": dhk0, "dhv0": dhv0}
+    naive = naive_results(p, low, x["cu"], do)
+    want = dict(zip(("o", "lse", "hk", "hv"), oracle_forward(p, x)))
+    want.update(oracle_backward(p, x, do.double().cpu().numpy()))
+    return got, naive, want

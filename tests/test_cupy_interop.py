@@ -26,7 +26,6 @@ import pytest
 
 import nha_core
 from nha_core import interop, reference, registry
-from nha_core.state import NHAState
 
 from .cases import rel_err
 

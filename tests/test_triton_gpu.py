@@ -27,7 +27,8 @@ import nha_core.reference as ref  # noqa: E402
 from nha_core.problem import Problem  # noqa: E402
 from nha_core.state import NHAState  # noqa: E402
 
-from .cases import assert_within_twice_naive, kernel_inputs, naive_results, oracle_backward, oracle_forward  # noqa: E402
+from .cases import (assert_within_twice_naive, kernel_inputs, oracle_backward, oracle_forward,  # noqa: E402
+                    triton_lowp_results)
 
 TOL = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 2e-2}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -157,29 +158,6 @@ def test_low_precision_within_twice_naive(case, dtype):
     Every input (the initial state too) is rounded to ``dtype`` first and the oracle runs on
     the rounded values, so both errors measure arithmetic alone, not the shared input rounding.
     """
-    from nha_core.backends.triton.backward import backward
-    from nha_core.backends.triton.forward import forward
-
     p, x = make(13, **case, dtype=dtype)
-    dt = TORCH_DTYPE[dtype]
-    low = {n: None if a is None or n == "cu" else torch.from_numpy(a).cuda().to(dt) for n, a in x.items()}
-    x = {n: a if a is None or n == "cu" else low[n].double().cpu().numpy() for n, a in x.items()}
-    cu = None if x["cu"] is None else torch.from_numpy(x["cu"]).cuda()
-    hk0 = None if low["hk0"] is None else low["hk0"].float()   # kernels take the state in fp32
-    hv0 = None if low["hv0"] is None else low["hv0"].float()
-    ins = (low["q"], low["k"], low["v"], low["g"], low["s"], low["q_slot"], low["k_slot"])
-    o, lse, hk, hv = forward(p, *ins, hk0, hv0, cu)
-    do = torch.from_numpy(np.random.default_rng(3).standard_normal(o.shape)).cuda().to(dt)
-    dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = backward(p, do, *ins, o, lse, hk0, hv0, cu)
-    dg = dg.double()
-    if x["s"] is None:   # the path through the derived s = 1 - exp(g): in the kernel or added here
-        if ds is not None:
-            dg = dg + ds.double() * -torch.from_numpy(np.exp(x["g"])).cuda()
-        ds = None
-    got = {"o": o, "lse": lse, "hk": hk, "hv": hv, "dq": dq, "dk": dk, "dv": dv, "dg": dg, "ds": ds,
-           "dq_slot": dq_slot, "dk_slot": dk_slot, "dhk0": dhk0, "dhv0": dhv0}
-
-    naive = naive_results(p, low, x["cu"], do)
-    want = dict(zip(("o", "lse", "hk", "hv"), oracle_forward(p, x)))
-    want.update(oracle_backward(p, x, do.double().cpu().numpy()))
+    got, naive, want = triton_lowp_results(p, x, "cuda")
     assert_within_twice_naive(got, naive, want, dtype, rel, tol=TOL[dtype])

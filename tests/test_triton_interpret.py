@@ -50,7 +50,8 @@ import nha_core.reference as ref  # noqa: E402
 from nha_core.problem import Problem  # noqa: E402
 from nha_core.state import NHAState  # noqa: E402
 
-from .cases import kernel_inputs, oracle_backward, oracle_forward  # noqa: E402
+from .cases import (assert_within_twice_naive, kernel_inputs, oracle_backward, oracle_forward,  # noqa: E402
+                    triton_lowp_results)
 
 TOL = {"float32": 2e-5, "float16": 2e-2}
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16}
@@ -224,3 +225,20 @@ def test_decode_continues_prefill(T, W, M, explicit, small_tiles):
         if a is not None:
             assert rel(a, b) <= TOL["float32"], name
     assert (state.seen.numpy() == want["seen"]).all()
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=2, T=150, HQ=4, H=2, K=32, V=32, M=16, W=40),                    # GQA, W < T, several chunks
+    dict(B=1, T=130, HQ=4, H=1, K=16, V=24, M=8, W=17, seqlens=(60, 0, 1, 69), explicit=True, initial=True),
+    dict(B=1, T=100, HQ=2, H=1, K=16, V=16, M=16, W=0),                     # pure gated slot attention
+    dict(B=1, T=70, HQ=2, H=2, K=16, V=16, M=8, W=200),                     # W >= T: slots never written
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_float16_within_twice_naive(case):
+    """SPEC section 5's rule for float16: no output, state or gradient more than 2x the error of
+    the naive fp16 computation. The interpreter computes what the GPU does here: fp16 window
+    dots accumulate in fp32, and the slot dots' operands are rounded to TF32 in the kernel
+    (forward._op), which the tensor cores then read exactly. (bfloat16 cannot run here: the
+    interpreter's bf16 dots are wrong; tests/test_triton_gpu.py covers it on a GPU.)"""
+    p, x = kernel_inputs(13, **case, dtype="float16", gates="logsigmoid", device="cpu", array_kind="torch")
+    got, naive, want = triton_lowp_results(p, x, "cpu")
+    assert_within_twice_naive(got, naive, want, "float16", rel)

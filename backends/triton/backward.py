@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat,
-                      load_gates, load_slot_rows, load_states, lowp, plan, safe2, window_ranges)
+from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
+                      load_slot_rows, load_states, lowp, operand_mode, plan, safe2, window_ranges)
 
 
 @triton.jit
@@ -413,7 +413,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     # there is an accuracy decision (see configs).
     low = lowp(p)
     DOTS = configs.BWD_BF16_DOTS if low else ()
-    LOWP_Q, LOWP_ST, LOWP_SL = ("q" in DOTS), ("state" in DOTS), ("slot" in DOTS)
+    LOWP_Q, LOWP_ST, LOWP_SL = (operand_mode(p, name in DOTS) for name in ("q", "state", "slot"))
     DOT = dot_precision(p)
     SAFE2 = safe2()
     warps = configs.bwd_num_warps(K, V, M)

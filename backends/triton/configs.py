@@ -77,6 +77,10 @@ WINDOW_SPLIT = True
 # reduction) on the varlen bf16 case B1-T260-HQ4-H1-K64-M16-W33 in 12 of 12 runs, and once on a
 # GQA M=64 case; 0 of 12 with it off. num_stages=1 did not avoid it.
 BF16_SLOT_DOTS = False
+# Smallest BM with bf16 slot dots (see slot_tile). The fault above sits in a slot readout dot
+# whose K is BM (= 32 there); 64 is the first thing to try on a GPU with it on
+# (asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64).
+BF16_MIN_SLOT_TILE = 32
 
 
 def next_pow2(n: int) -> int:
@@ -172,7 +176,7 @@ def slot_tile(M: int, low: bool) -> int:
     non-finite outputs that varied between processes, while the same case in fp32 (TF32 dots),
     the same kernel under the interpreter and BM = 16 at BT = 16 (K = 256) were right; the
     suspect is the 64 x 16 bf16 wgmma tile. Padded slots are masked (logit -inf, write 0)."""
-    return max(32, pad(M)) if low else pad(M)
+    return max(BF16_MIN_SLOT_TILE, pad(M)) if low else pad(M)
 
 
 def decode_window_rows(K: int, V: int) -> int:

@@ -33,10 +33,11 @@ The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied 
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
 
-Precision: for bfloat16 inputs every dot takes bfloat16 operands with fp32 accumulation (states,
+Precision: for bfloat16 inputs every slot dot takes bfloat16 operands with fp32 accumulation (states,
 decays and probabilities are rounded to bf16 right before the dot; the error stays far inside
-SPEC's 2e-2); float16 inputs keep fp32 slot operands with TF32 dots (see ``lowp``) and fp16 window
-dots; float32 inputs keep IEEE fp32 dots (SPEC's 1e-3).
+SPEC's 2e-2) when configs.BF16_SLOT_DOTS is on; otherwise 16-bit inputs keep fp32 slot operands,
+rounded to TF32 in ``_op`` (OP_TF32), on TF32 dots, and 16-bit window dots; float32 inputs keep IEEE
+fp32 dots (SPEC's 1e-3).
 """
 from __future__ import annotations
 
@@ -56,14 +57,28 @@ LN2 = 0.6931471805599453
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
+# Dot operand modes (the LOWP constexpr of every kernel): how an operand reaches tl.dot.
+OP_FP32, OP_BF16, OP_TF32 = 0, 1, 2
+
+
 @triton.jit
 def _op(x, LOWP: tl.constexpr):
-    """A dot operand: bfloat16 for 16-bit inputs (fp32 accumulation), fp32 for fp32 inputs."""
-    if LOWP:
+    """A dot operand in mode LOWP: OP_FP32 fp32 as it is (IEEE dots of fp32 inputs), OP_BF16
+    bfloat16 (fp32 accumulation), OP_TF32 fp32 rounded to nearest TF32 (10 mantissa bits).
+
+    OP_TF32 rounds here because the tensor cores read a TF32 operand by dropping the low 13
+    bits of the fp32 word: truncation, whose bias adds up over the long sums of the slot states
+    (float16 'o' came out 2.6x the naive fp16 error on an H200, SPEC section 5 allows 2x; an
+    interpreter emulation of truncation gave 1.4x, of rounding 0.6x). Rounded values pass the
+    truncation unchanged, and the interpreter (exact fp32 dots) computes what the GPU does."""
+    if LOWP == 1:
         if INTERPRET:
             return x.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
         else:
             return x.to(tl.bfloat16)
+    elif LOWP == 2:
+        b_bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        return ((b_bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
     else:
         return x.to(tl.float32)
 
@@ -451,6 +466,14 @@ def lowp(p) -> bool:
     return p.dtype == "bfloat16" and configs.BF16_SLOT_DOTS
 
 
+def operand_mode(p, bf16: bool | None = None) -> int:
+    """The kernels' LOWP: OP_BF16 where bf16 operands are chosen (``bf16``, default lowp(p)),
+    else OP_TF32 for 16-bit inputs (TF32 dots) and OP_FP32 for fp32 inputs (IEEE dots)."""
+    if lowp(p) if bf16 is None else bf16:
+        return OP_BF16
+    return OP_FP32 if p.dtype == "float32" else OP_TF32
+
+
 def dot_precision(p) -> str:
     """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); float16 inputs take TF32 for
     their fp32 slot operands (10 mantissa bits, as fp16); bf16 dots have bf16 operands."""
@@ -465,6 +488,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final, l
     """Run the chunk-state kernel. Returns (hk_c [NC,H,K,M], hv_c [NC,H,M,V], hk, hv); the chunk
     states are bfloat16 when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32
     or None."""
+    mode = operand_mode(p, low)
     dev = v.device
     K, V, M, H, N = p.K, p.V, p.M, p.H, p.N
     sdt = torch.bfloat16 if low else torch.float32
@@ -479,7 +503,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final, l
             hk0 if hk0 is not None else hk_c, hv0 if hv0 is not None else hv_c,
             hk_c, hv_c, hk if store_final else hk_c, hv if store_final else hv_c, cu, chunk_off,
             p.W, H, K, V, M, BT, configs.pad(K), configs.pad(V), BMS,
-            s is not None, hk0 is not None, store_final, configs.G_FLOOR, low, dot_precision(p),
+            s is not None, hk0 is not None, store_final, configs.G_FLOOR, mode, dot_precision(p),
             num_warps=configs.state_num_warps(K, V), num_stages=configs.state_num_stages(K, V),
         )
     elif store_final and hk0 is not None:
@@ -514,7 +538,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
             qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, cu, chunk_off,
             block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
             BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
-            M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), lowp(p),
+            M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
             dot_precision(p), configs.WINDOW_SPLIT,
             num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
         )
