@@ -66,11 +66,12 @@ def _op(x, LOWP: tl.constexpr):
     """A dot operand in mode LOWP: OP_FP32 fp32 as it is (IEEE dots of fp32 inputs), OP_BF16
     bfloat16 (fp32 accumulation), OP_TF32 fp32 rounded to nearest TF32 (10 mantissa bits).
 
-    OP_TF32 rounds here because the tensor cores read a TF32 operand by dropping the low 13
-    bits of the fp32 word: truncation, whose bias adds up over the long sums of the slot states
-    (float16 'o' came out 2.6x the naive fp16 error on an H200, SPEC section 5 allows 2x; an
-    interpreter emulation of truncation gave 1.4x, of rounding 0.6x). Rounded values pass the
-    truncation unchanged, and the interpreter (exact fp32 dots) computes what the GPU does."""
+    OP_TF32 rounds here because Triton hands the tensor cores the fp32 words as they are, and
+    the results look truncated to TF32 (a bias that adds up over the long sums of the slot
+    states): float16 'o' came out 2.6x the naive fp16 error on an H200 (SPEC section 5 allows
+    2x); an interpreter emulation of truncation gave 1.4x on the same case, of rounding 0.6x.
+    Values rounded here lose nothing to either reading, and the interpreter (exact fp32 dots)
+    then computes what the GPU does. Not yet rerun on a GPU."""
     if LOWP == 1:
         if INTERPRET:
             return x.to(tl.float32).to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
