@@ -470,7 +470,8 @@ def lowp(p) -> bool:
 def operand_mode(p, bf16: bool | None = None) -> int:
     """The kernels' LOWP: OP_BF16 where bf16 operands are chosen (``bf16``, default lowp(p)),
     else OP_TF32 for 16-bit inputs (TF32 dots) and OP_FP32 for fp32 inputs (IEEE dots)."""
-    if lowp(p) if bf16 is None else bf16:
+    use_bf16 = lowp(p) if bf16 is None else bf16
+    if use_bf16:
         return OP_BF16
     return OP_FP32 if p.dtype == "float32" else OP_TF32
 
