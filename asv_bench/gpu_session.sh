@@ -23,7 +23,7 @@ for step in "$@"; do
       timeout ${NHA_TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_triton_gpu.py tests/test_cupy_gpu.py \
         tests/test_naive_lowp.py -q -rf -n 8 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
     repro-bf16)   # the bf16 slot-dot fault (asv_bench/triton_tuning_notes.md), one process per setting
-      for setting in "" "BF16_SLOT_DOTS=True" "BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64"; do
+      for setting in "" "BF16_SLOT_DOTS=True" "BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64" "BF16_SLOT_DOTS=True num_warps=8"; do
         timeout 90 python3 asv_bench/repro_bf16_slots.py 12 $setting 2>&1 | grep -E "bad|Error" | tail -2
       done | tee "$OUT/repro_bf16.log" ;;
     tests-quick)
