@@ -2,7 +2,7 @@
 
 The kernels are built by NVRTC at run time; this catches syntax and type errors on machines
 without a GPU. Each file is compiled twice: to a cubin with its defaults (float, RMAX = 32: the
-largest register arrays, so ptxas runs too) and to PTX only as a bfloat16 variant (the
+largest register arrays, so ptxas runs too) and to PTX only as a bfloat16 variant with other tiles (the
 __nv_bfloat16 load/store overloads; skipping ptxas keeps it fast). All nvcc processes run at
 once: about 20 s on 2 cores.
 """
@@ -17,7 +17,7 @@ CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "backends" / "cupy"
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 VARIANTS = {
     "float-RMAX32": ["-c"],
-    "bf16-BT32-RMAX4-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DBT=32", "-DRMAX=4"],
+    "bf16-BT32-RMAX4-BG8-DC2-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DBT=32", "-DRMAX=4", "-DBG=8", "-DDC=2"],
 }
 
 

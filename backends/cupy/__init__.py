@@ -38,14 +38,15 @@ class CupyBackend(Backend, configs=configs):
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(filename: str, in_type: str, cache_type: str, BT: int, RMAX: int):
-    """The ``cupy.RawModule`` of ``filename`` built for one variant (cached per process)."""
+def kernels(filename: str, in_type: str, cache_type: str, **tiles: int):
+    """The ``cupy.RawModule`` of ``filename`` built for one variant (cached per process); each
+    tile (``BT=64``, ``RMAX=4``, decode's ``BG``, ``DC``) becomes a ``-D`` macro of the same name."""
     import cupy
 
     with open(os.path.join(_HERE, filename)) as f:
         code = f.read()
     options = ["-std=c++17", f"-I{_HERE}", f"-DIN_T={in_type}", f"-DCACHE_T={cache_type}",
-               f"-DBT={BT}", f"-DRMAX={RMAX}"]
+               *(f"-D{name}={value}" for name, value in sorted(tiles.items()))]
     cuda_path = cupy.cuda.get_cuda_path()  # cuda_bf16.h / cuda_fp16.h for NVRTC, when a toolkit is there
     if cuda_path and os.path.isdir(os.path.join(cuda_path, "include")):
         options.append(f"-I{os.path.join(cuda_path, 'include')}")

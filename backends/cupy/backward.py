@@ -25,8 +25,8 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         s = derived_s(g)
     BT, RMAX = configs.pick_bt(p), configs.rmax(p)
     ctype = configs.CUDA_TYPE[p.dtype]
-    fwd = kernels("forward.cu", ctype, ctype, BT, RMAX)
-    mod = kernels("backward.cu", ctype, ctype, BT, RMAX)
+    fwd = kernels("forward.cu", ctype, ctype, BT=BT, RMAX=RMAX)
+    mod = kernels("backward.cu", ctype, ctype, BT=BT, RMAX=RMAX)
     do, q, k, v, g, s, o, lse = c(do), c(q), c(k), c(v), c(g), c(s), c(o), c(lse)
     has_q_slot, has_k_slot = q_slot is not None, k_slot is not None
     q_slot = c(q_slot) if has_q_slot else q

@@ -38,15 +38,14 @@
 //                     head of each group then writes the new token into row s % W. No block reads
 //                     that row (it holds the evicted token, already in the slots), so there is no race.
 //
-// decode.py passes the split kernels' two tiles through kernels()'s BT / RMAX knobs (the per-head
-// kernels use neither): BG = BT query heads per window block, DC = RMAX 16-byte chunks per lane of a
-// key / value row. The defaults below are the spec decode tile (bf16, K = V = 128, G = 4), so the
-// file also compiles on its own.
-#ifndef BT
-#define BT 4
+// decode.py sets the split kernels' two tiles (the per-head kernels use neither): BG query heads
+// per window block, DC 16-byte chunks per lane of a key / value row. The defaults below are the
+// spec decode tile (bf16, K = V = 128, G = 4), so the file also compiles on its own.
+#ifndef BG
+#define BG 4                             // query heads per window block (a power of two >= G, capped)
 #endif
-#ifndef RMAX
-#define RMAX 1
+#ifndef DC
+#define DC 1                             // 16-byte chunks per lane of a key / value row
 #endif
 #include "nha_common.cuh"
 
@@ -190,8 +189,6 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_read(
 // Split-window decode ("split"): tiles. A window block runs NS = NT / LR independent row streams
 // (one per LR lanes); each streams TR ring rows per step, the next step's rows already in flight
 // (double-buffered registers), and keeps its own online softmax; the streams merge once at the end.
-#define BG BT                            // query heads per window block (a power of two >= G, capped)
-#define DC RMAX                          // 16-byte chunks per lane of a key / value row
 #define LR 16                            // lanes per row: 16 x 16 B covers a 256-byte bf16 row of 128
 #define NS (NT / LR)                     // row streams per block
 #define TR 2                             // rows per stream per step

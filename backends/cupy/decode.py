@@ -74,7 +74,7 @@ def _decode_split(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
     QB = -(-G // BG)
     S, RS = configs.decode_splits(N, H, QB, W, _sm_count(q.device.id))
     P = S + 1
-    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], BG, DC)  # BT = BG, RMAX = DC
+    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], BG=BG, DC=DC)
     vec = 16 // itemsize  # 16-byte loads need whole, aligned chunks in every row
     vec_k = int(K % vec == 0 and state.k_cache.data.ptr % 16 == 0)
     vec_v = int(V % vec == 0 and state.v_cache.data.ptr % 16 == 0)
@@ -102,7 +102,7 @@ def _decode_per_head(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
     """The first version (decode.cu nha_decode_evict, then nha_decode_read per query head)."""
     import cupy
 
-    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], 4, 1)  # BT, RMAX unused
+    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype])
     N, HQ, H, K, V, M = q.shape[0], p.HQ, p.H, p.K, p.V, p.M
     W = int(state.window_size)
     i32 = np.int32

@@ -85,7 +85,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     if s is None:
         s = derived_s(g)
     BT, RMAX = configs.pick_bt(p), configs.rmax(p)
-    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT, RMAX)
+    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT=BT, RMAX=RMAX)
     q, k, v, g, s = c(q), c(k), c(v), c(g), c(s)
     q_slot = q if q_slot is None else c(q_slot)
     k_slot = k if k_slot is None else c(k_slot)
@@ -109,7 +109,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     import cupy
 
     BT = configs.pick_bt_tc(p)
-    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT, 1)
+    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT=BT, RMAX=1)
     q, k, v, g = c(q), c(k), c(v), c(g)
     s = NULL if s is None else c(s)
     q_slot = q if q_slot is None else c(q_slot)
