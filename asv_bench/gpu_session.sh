@@ -2,6 +2,7 @@
 # One device call: install carried wheels and the package, then run the given steps, logging to $OUT.
 #   bash asv_bench/gpu_session.sh tests     # GPU test suites of triton and cupy (pytest-xdist, 8 workers)
 #   bash asv_bench/gpu_session.sh repro-bf16  # the bf16 slot-dot fault, with and without the candidate fix
+#   bash asv_bench/gpu_session.sh state-pass  # chunk-state scan vs walk, gpu-b and gpu-a
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -33,6 +34,13 @@ for step in "$@"; do
       tail -15 "$OUT/properties_gpu.log" ;;
     properties)
       NHA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/properties_gpu.log" ;;
+    state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS); bf16 slot dots last
+      { timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-b --modes forward,backward --out "$OUT" \
+          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk
+        timeout 240 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
+          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk \
+          --variant scan-bf16-bm64:STATE_PASS=scan,BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64 --check-all; } \
+        > "$OUT/state_pass.log" 2>&1; grep -A4 "^variant" "$OUT/state_pass.log" ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"
         timeout 60 python3 asv_bench/tune_gpu.py --backend triton --shape decode --modes decode --out "$OUT"; } \

@@ -68,6 +68,9 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M: 16)
     monkeypatch.setattr(tc, "window_rows", lambda K, V: 16)
     monkeypatch.setattr(tc, "decode_window_rows", lambda K, V: 16)
+    # the state scan in several steps of 2 chunks and several element blocks with a ragged tail
+    monkeypatch.setattr(tc, "scan_rows", lambda: 2)
+    monkeypatch.setattr(tc, "scan_width", lambda K, V, M: 32)
 
 
 def rel(out, want):
@@ -144,6 +147,13 @@ CASES = [
     dict(B=1, T=40, HQ=2, H=1, K=16, V=16, M=5, W=3, seqlens=(7, 0, 23, 10), explicit=True, initial=True),
     dict(B=1, T=35, HQ=2, H=1, K=16, V=16, M=5, W=1, hard=True),           # resets, explicit path
 ]
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_state_walk_small_tiles(case, small_tiles, monkeypatch):
+    """The other chunk-state pass (configs.STATE_PASS "walk": one program walks the chunks)."""
+    monkeypatch.setattr(tc, "STATE_PASS", "walk")
+    check(**dict(zip(("p", "x"), make(0, **case))))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))

@@ -1,19 +1,20 @@
 """Triton backward of NHA (formulas: notes/MATH.md §3), deterministic: no atomics anywhere.
 
 Every float output element is written by exactly one program, so results do not depend on
-scheduling. Five launches, in order:
+scheduling. In order:
 
-1. ``nha_fwd_state_kernel`` (forward.py) recomputes the chunk states Hk_c, Hv_c.
+1. ``chunk_states`` (forward.py) recomputes the chunk states Hk_c, Hv_c.
 2. ``nha_bwd_q_kernel`` grid ``(blocks, HQ)``: per BT query rows and query head, recomputes the
    slot logits Ls, the probabilities from the saved lse, ``D = rowsum(do * o)``, the slot readout
    gradient ``dov = do . Hv(t)`` and ``dLs = Ps * (dov - D)``; writes dq (window part + slot part,
    or the slot part to dq_slot when q_slot was given) and, for the KV-side kernels, Ps, dLs
    (bfloat16 for bfloat16 inputs, configs.BWD_BF16_PS_DLS), ``X1 = dLs * Ls + Ps * dov`` (fp32,
    the <dH(t), H(t)> term of the gate gradient, built from the rounded Ps, dLs) and D.
-3. ``nha_bwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` like the forward state kernel,
-   reverse pass over chunks,
-   ``dH_start = exp(Gc_last) dH_end + sum_heads [scale Qs^T (dLs e^Gc) | do^T (Ps e^Gc)]``;
-   stores dH_end per chunk and dhk0/dhv0.
+3. State gradients, the forward's state pass run backwards (configs.STATE_PASS):
+   ``dH_start = exp(Gc_last) dH_end + sum_heads [scale Qs^T (dLs e^Gc) | (Ps e^Gc)^T do]``,
+   either every chunk's own term at once (``nha_bwd_state_local_kernel``) chained by
+   ``nha_state_scan_kernel`` in reverse, or ``nha_bwd_state_kernel`` walking the chunks back;
+   stores dH at every chunk start and after the last chunk (rows as the states), dhk0/dhv0.
 4. ``nha_bwd_slot_kernel`` grid ``(blocks, H)``: per chunk and KV head, sums over the group's
    query heads the slot-branch gradients of the shifted tokens, dKs, dVs, dS, and the gate
    gradient as a reverse cumsum inside the chunk plus the carry ``<dH_end, H_next>`` per slot
@@ -34,7 +35,8 @@ import triton.language as tl
 
 from . import configs
 from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
-                      load_slot_rows, load_states, lowp, operand_mode, plan, safe2, window_ranges)
+                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid,
+                      window_ranges)
 
 
 @triton.jit
@@ -162,6 +164,38 @@ def nha_bwd_q_kernel(
 
 
 @triton.jit
+def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
+                     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+                     G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
+    """What chunk i_c does to the state gradient (slots o_m): dH_start = a * dH_end + (Lk, Lv),
+    a = 2^Gc_last [BM], Lk = scale sum_heads Qs^T (dLs 2^Gc) [BK, BM], Lv = sum_heads (Ps 2^Gc)^T do."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
+    b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, False, G_FLOOR)
+    b_eg = tl.exp2(b_gc)
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T_n
+    r_t = bos + o_t
+    m_tm = m_t[:, None] & m_m[None, :]
+    b_lk = tl.zeros([BK, BM], dtype=tl.float32)
+    b_lv = tl.zeros([BM, BV], dtype=tl.float32)
+    for i_g in range(0, G):
+        i_hq = i_h * G + i_g
+        o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
+        b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+                       mask=m_t[:, None] & m_k[None, :], other=0.0)                          # [BT, BK]
+        b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
+                       mask=m_t[:, None] & m_v[None, :], other=0.0)                          # [BT, BV]
+        b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                 # [BT, BM]
+        b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
+        b_lk += tl.dot(tl.trans(_op(b_qs, LOWP)), _op(b_dls * b_eg, LOWP), input_precision=DOT) * scale
+        b_lv += tl.dot(tl.trans(_op(b_ps * b_eg, LOWP)), _op(b_do, LOWP), input_precision=DOT)
+    return tl.exp2(b_glast), b_lk, b_lv
+
+
+@triton.jit
 def nha_bwd_state_kernel(
     qs, do, g, ps_buf, dls_buf, dh_k, dh_v, dhk0, dhv0, cu, chunk_off,
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
@@ -169,8 +203,9 @@ def nha_bwd_state_kernel(
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_H0: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """dh_k [NC,H,K,M], dh_v [NC,H,M,V]: gradient w.r.t. the state AFTER each chunk (slots
-    i_m*BM ..); dhk0, dhv0 [N,H,..] fp32."""
+    """State-gradient walk (configs.STATE_PASS "walk"), slots i_m*BM ..: dh_k [R,H,K,M],
+    dh_v [R,H,M,V] row chunk_off + c = gradient w.r.t. the state at the start of chunk c (the
+    last row, after the last chunk, is 0); dhk0, dhv0 [N,H,..] fp32."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
@@ -188,32 +223,48 @@ def nha_bwd_state_kernel(
     b_dhv = tl.zeros([BM, BV], dtype=tl.float32)
     for i_r in range(0, NT):
         i_c = NT - 1 - i_r
-        i_state = (c0 + i_c) * H + i_h
+        i_state = (c0 + i_c + 1) * H + i_h
         tl.store(dh_k + i_state * K * M + o_km, b_dhk.to(dh_k.dtype.element_ty), mask=m_km)
         tl.store(dh_v + i_state * M * V + o_mv, b_dhv.to(dh_v.dtype.element_ty), mask=m_mv)
-        b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, False, G_FLOOR)
-        b_eg = tl.exp2(b_gc)
-        o_t = i_c * BT + tl.arange(0, BT)
-        m_t = o_t < T_n
-        r_t = bos + o_t
-        m_tm = m_t[:, None] & m_m[None, :]
-        b_a = tl.exp2(b_glast)
-        b_dhk *= b_a[None, :]
-        b_dhv *= b_a[:, None]
-        for i_g in range(0, G):
-            i_hq = i_h * G + i_g
-            o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-            b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                           mask=m_t[:, None] & m_k[None, :], other=0.0)                          # [BT, BK]
-            b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
-                           mask=m_t[:, None] & m_v[None, :], other=0.0)                          # [BT, BV]
-            b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                 # [BT, BM]
-            b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
-            b_dhk += tl.dot(tl.trans(_op(b_qs, LOWP)), _op(b_dls * b_eg, LOWP), input_precision=DOT) * scale
-            b_dhv += tl.dot(tl.trans(_op(b_ps * b_eg, LOWP)), _op(b_do, LOWP), input_precision=DOT)
+        b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
+                                           HQ, H, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
+        b_dhk = b_dhk * b_a[None, :] + b_lk
+        b_dhv = b_dhv * b_a[:, None] + b_lv
+    tl.store(dh_k + (c0 * H + i_h) * K * M + o_km, b_dhk.to(dh_k.dtype.element_ty), mask=m_km)
+    tl.store(dh_v + (c0 * H + i_h) * M * V + o_mv, b_dhv.to(dh_v.dtype.element_ty), mask=m_mv)
     if HAS_H0:
         tl.store(dhk0 + (i_n * H + i_h) * K * M + o_km, b_dhk, mask=m_km)
         tl.store(dhv0 + (i_n * H + i_h) * M * V + o_mv, b_dhv, mask=m_mv)
+
+
+@triton.jit
+def nha_bwd_state_local_kernel(
+    qs, do, g, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map,
+    scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+):
+    """State-gradient scan, step 1 (configs.STATE_PASS "scan"): every chunk's own (a, Lk, Lv)
+    into row chunk_off + i_c of a_c, dh_k, dh_v; nha_state_scan_kernel (REVERSE) chains them."""
+    i_b, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
+    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    c0 = tl.load(chunk_off + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
+    b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
+                                       HQ, H, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
+    i_row = (c0 + i_c) * H + i_h
+    tl.store(dh_k + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk.to(dh_k.dtype.element_ty),
+             mask=m_k[:, None] & m_m[None, :])
+    tl.store(dh_v + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv.to(dh_v.dtype.element_ty),
+             mask=m_m[:, None] & m_v[None, :])
+    tl.store(a_c + i_row * M + o_m, b_a, mask=m_m)
 
 
 @triton.jit
@@ -242,14 +293,13 @@ def nha_bwd_slot_kernel(
     o_v = tl.arange(0, BV)
     o_m = tl.arange(0, BM)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    i_state = (c0 + i_c) * H + i_h
+    # row c + 1: the state after the chunk and the gradient w.r.t. it (0 after the last chunk)
+    i_next = (c0 + i_c + 1) * H + i_h
     # the carry <dH_end, H_next> first, so the four state tiles die before the heavy part
-    b_dhk, b_dhv = load_states(dh_k, dh_v, i_state, K, V, M, BK, BV, BM)
-    has_next = i_c * BT + BT < T_n        # dH_end is 0 after the last chunk
-    b_hkn, b_hvn = load_states(hk_c, hv_c, tl.where(has_next, i_state + H, i_state), K, V, M, BK, BV, BM)
+    b_dhk, b_dhv = load_states(dh_k, dh_v, i_next, K, V, M, BK, BV, BM)
+    b_hkn, b_hvn = load_states(hk_c, hv_c, i_next, K, V, M, BK, BV, BM)
     b_carry = tl.sum(b_dhk.to(tl.float32) * b_hkn.to(tl.float32), 0) \
         + tl.sum(b_dhv.to(tl.float32) * b_hvn.to(tl.float32), 1)                                   # [BM]
-    b_carry = tl.where(has_next, b_carry, 0.0)
 
     b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
@@ -406,7 +456,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
+    cu, chunk_off, block_map, NB, R, BT = plan(p, cu_seqlens, dev)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.pad(M)
     # bfloat16 inputs (forward.lowp): which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
     # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice
@@ -446,8 +496,8 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     s_arg = sf if sf is not None else gf
 
     if has_slots:
-        hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT, False,
-                                        low and configs.BWD_BF16_STATES)
+        hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
+                                        False, low and configs.BWD_BF16_STATES)
         ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
@@ -463,15 +513,27 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             num_warps=warps, num_stages=stages,
         )
     if has_slots:
-        dh_k = torch.empty(NC, H, K, M, dtype=b16(configs.BWD_BF16_DH), device=dev)
-        dh_v = torch.empty(NC, H, M, V, dtype=b16(configs.BWD_BF16_DH), device=dev)
+        dh_k = torch.empty(R, H, K, M, dtype=b16(configs.BWD_BF16_DH), device=dev)
+        dh_v = torch.empty(R, H, M, V, dtype=b16(configs.BWD_BF16_DH), device=dev)
         BMS = configs.state_slot_tile(M)
-        nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
-            qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v,
-            dhk0 if dhk0 is not None else dh_k, dhv0 if dhv0 is not None else dh_v, cu, chunk_off,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BMS, hk0 is not None, configs.G_FLOOR, LOWP_ST, DOT,
-            num_warps=4,
-        )
+        common = dict(scale=p.scale, W=p.W, HQ=HQ, H=H, G=G, K=K, V=V, M=M, BT=BT, BK=BK, BV=BV, BM=BMS,
+                      G_FLOOR=configs.G_FLOOR, LOWP=LOWP_ST, DOT=DOT)
+        dh0k, dh0v = (dhk0, dhv0) if dhk0 is not None else (dh_k, dh_v)
+        if configs.STATE_PASS == "walk":
+            nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
+                qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, dh0k, dh0v, cu, chunk_off,
+                HAS_H0=hk0 is not None, **common, num_warps=4,
+            )
+        else:
+            a_c = torch.empty(R, H, M, **f32)
+            nha_bwd_state_local_kernel[(NB, H, triton.cdiv(M, BMS))](
+                qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **common, num_warps=4,
+            )
+            nha_state_scan_kernel[scan_grid(p)](
+                dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, K, V, M, BT,
+                configs.scan_width(K, V, M), configs.scan_rows(), False, hk0 is not None, True,
+                num_warps=configs.scan_num_warps(),
+            )
         nha_bwd_slot_kernel[(NB, H)](
             qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,

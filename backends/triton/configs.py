@@ -159,6 +159,33 @@ def state_slot_tile(M: int) -> int:
     return 32
 
 
+# How the chunk states are built: "scan" (every chunk's own update at once, then a scan over
+# chunks, D per step) or "walk" (one program per (sequence, head, slot tile) walks the chunks in
+# order: a chain of cdiv(T, BT) dependent steps, 512 at gpu-b, with only N*H*M/BMS = 32 programs
+# there). Prediction before the first GPU run (2026-12-02): "scan" takes the gpu-b forward state
+# pass from ~1.9 ms to ~0.25 ms and gpu-a's from 0.33 to ~0.25 ms (TF32, fp32 states).
+STATE_PASS = "scan"
+
+
+def scan_width(K: int, V: int, M: int) -> int:
+    """BE: state elements per program of nha_state_scan_kernel. 256 gives 32 programs per
+    (sequence, head) at K = V = M = 64, so 512 programs even at B = 1, H = 16 (gpu-b)."""
+    return 256
+
+
+def scan_rows() -> int:
+    """D: chunks per step of the state scan. Each step loads D rows of BE elements at once
+    (16 x 256 fp32 = 16 KiB per program in flight) and combines them in registers, so the
+    dependent chain is cdiv(chunks, D) steps long."""
+    return 16
+
+
+def scan_num_warps() -> int:
+    """nha_state_scan_kernel: 4 warps hold its [D, BE] = [16, 256] fp32 tiles in 32 registers
+    each per thread (untimed choice)."""
+    return 4
+
+
 def state_num_warps(K: int, V: int) -> int:
     """Forward chunk-state kernel: 4 warps hold its [BK, BMS] + [BMS, BV] fp32 states and the
     [BT, BK] / [BT, BV] / [BT, BMS] chunk tiles without spilling (0.216 ms at gpu-a, H200)."""

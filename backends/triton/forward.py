@@ -10,11 +10,14 @@ window ``(t-W, t]``::
 
 Kernels (one sequence of the packed batch is ``bos .. eos``; chunks of ``BT`` shifted tokens):
 
-* ``nha_fwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))``: each program owns the slots
-  ``i_m*BMS ..`` of one (sequence, head), i.e. Hk[:, slots] and Hv[slots, :], walks the chunks
-  in order and stores them at every chunk start (Hk_c [NC,H,K,M], Hv_c [NC,H,M,V]; bfloat16 for
-  16-bit inputs, they only feed bf16 dots; fp32 otherwise) and the final state (fp32). Slots
-  are independent, so small BMS buys parallelism without re-reading anything but K, V rows.
+* Chunk states (``chunk_states``), by configs.STATE_PASS: ``"scan"``: ``nha_fwd_state_local_kernel``
+  grid ``(chunks, H, cdiv(M, BMS))`` computes what every chunk alone does to the state
+  (``state_end = a * state_start + L``) at once, then ``nha_state_scan_kernel`` grid
+  ``(N, H, element blocks)`` chains them in place, ``D`` chunks per step by an associative scan;
+  ``"walk"``: ``nha_fwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` walks the chunks in order,
+  one program per slot tile. Either way the states land at every chunk start and after each
+  sequence's last chunk (Hk_c [R,H,K,M], Hv_c [R,H,M,V], ``R`` rows as in ``plan``; bfloat16
+  when they only feed bf16 dots, fp32 otherwise) and the final state in fp32.
 * ``nha_fwd_kernel`` grid ``(blocks, HQ)``: one program per ``BT`` query rows (= one chunk) and
   query head. Slot logits = inter-chunk ``exp(Gc) * (Qs @ Hk_c)`` + intra-chunk decayed causal
   part; they seed an online softmax that then walks only the window key blocks that intersect
@@ -189,6 +192,21 @@ def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: t
 # Chunk states
 # ----------------------------------------------------------------------------------------------
 @triton.jit
+def fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, K: tl.constexpr,
+                     V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
+    """What chunk i_c does to the slots o_m: state_end = a * state_start + (Lk, Lv) with
+    a = 2^Gc_last [BM] (<= 1), Lk = Ks^T W [BK, BM], Lv = W^T Vs [BM, BV], W = S 2^(Gc_last - Gc)."""
+    b_gc, b_glast, b_s = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+    b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+    # 2^(Gc_last - Gc[j]) <= 1: the decay from token j to the chunk end
+    b_w = _op(b_s * tl.exp2(b_glast[None, :] - b_gc), LOWP)                                     # [BT, BM]
+    b_lk = tl.dot(tl.trans(_op(b_ks, LOWP)), b_w, input_precision=DOT)                          # [BK, BM]
+    b_lv = tl.dot(tl.trans(b_w), _op(b_vs, LOWP), input_precision=DOT)                          # [BM, BV]
+    return tl.exp2(b_glast), b_lk, b_lv
+
+
+@triton.jit
 def nha_fwd_state_kernel(
     ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, cu, chunk_off,
     W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
@@ -196,8 +214,9 @@ def nha_fwd_state_kernel(
     HAS_S: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr,
     LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
-    """Slots i_m*BM .. of one (sequence, head): Hk_c [NC,H,K,M], Hv_c [NC,H,M,V] at every chunk
-    start; hk_t, hv_t [N,H,..] after the last chunk (fp32)."""
+    """State walk (configs.STATE_PASS "walk"): slots i_m*BM .. of one (sequence, head), chunk
+    after chunk: Hk_c [R,H,K,M], Hv_c [R,H,M,V] at every chunk start and after the last chunk
+    (row chunk_off + NT); hk_t, hv_t [N,H,..] after the last chunk (fp32)."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
@@ -216,21 +235,122 @@ def nha_fwd_state_kernel(
     if HAS_H0:
         b_hk += tl.load(hk0 + (i_n * H + i_h) * K * M + o_km, mask=m_km, other=0.0).to(tl.float32)   # [BK, BM]
         b_hv += tl.load(hv0 + (i_n * H + i_h) * M * V + o_mv, mask=m_mv, other=0.0).to(tl.float32)   # [BM, BV]
-    for i_c in range(0, tl.cdiv(T_n, BT)):
+    NT = tl.cdiv(T_n, BT)
+    for i_c in range(0, NT):
         i_state = (c0 + i_c) * H + i_h
         tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
         tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
-        b_gc, b_glast, b_s = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
-        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
-        # 2^(Gc_last - Gc[j]) <= 1: the decay from token j to the chunk end
-        b_w = _op(b_s * tl.exp2(b_glast[None, :] - b_gc), LOWP)                                 # [BT, BM]
-        b_a = tl.exp2(b_glast)
-        b_hk = b_hk * b_a[None, :] + tl.dot(tl.trans(_op(b_ks, LOWP)), b_w, input_precision=DOT)
-        b_hv = b_hv * b_a[:, None] + tl.dot(tl.trans(b_w), _op(b_vs, LOWP), input_precision=DOT)
-
+        b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+                                           HAS_S, G_FLOOR, LOWP, DOT)
+        b_hk = b_hk * b_a[None, :] + b_lk
+        b_hv = b_hv * b_a[:, None] + b_lv
+    i_state = (c0 + NT) * H + i_h
+    tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
+    tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
     if STORE_FINAL:
         tl.store(hk_t + (i_n * H + i_h) * K * M + o_km, b_hk, mask=m_km)
         tl.store(hv_t + (i_n * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
+
+
+@triton.jit
+def nha_fwd_state_local_kernel(
+    ks, v, g, s, hk_c, hv_c, a_c, cu, chunk_off, block_map,
+    W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+):
+    """State scan, step 1 (configs.STATE_PASS "scan"): every chunk at once, its own (a, Lk, Lv)
+    into row chunk_off + i_c + 1 of a_c [R,H,M], Hk_c, Hv_c; nha_state_scan_kernel then turns
+    the rows into states in place."""
+    i_b, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
+    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    c0 = tl.load(chunk_off + i_n).to(tl.int64)
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
+    b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+                                       HAS_S, G_FLOOR, LOWP, DOT)
+    i_row = (c0 + i_c + 1) * H + i_h
+    tl.store(hk_c + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk.to(hk_c.dtype.element_ty),
+             mask=m_k[:, None] & m_m[None, :])
+    tl.store(hv_c + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv.to(hv_c.dtype.element_ty),
+             mask=m_m[:, None] & m_v[None, :])
+    tl.store(a_c + i_row * M + o_m, b_a, mask=m_m)
+
+
+@triton.jit
+def _affine(a1, b1, a2, b2):
+    """x -> a1 x + b1, then x -> a2 x + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl.constexpr,
+              H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+              HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr):
+    """Rows r0 .. r0+NT of one (sequence, head) of buf [R,H,E] (elements o_e; element e decays
+    with slot (e // DIV) % M): forward, row 0 := h0 and row r := a_r row_{r-1} + L_r for
+    r = 1..NT; REVERSE, row NT := 0 and row r := a_r row_{r+1} + L_r for r = NT-1..0. D rows per
+    step, combined by an associative scan; the last row (first, REVERSE) goes to h_t in fp32."""
+    m_e = o_e < E
+    o_me = (o_e // DIV) % M
+    o_d = tl.arange(0, D)
+    b_h = tl.zeros([o_e.shape[0]], dtype=tl.float32)
+    if HAS_H0:
+        b_h += tl.load(h0 + (i_n * H + i_h) * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+    if REVERSE:
+        r_first = NT
+    else:
+        r_first = 0
+    tl.store(buf + ((r0 + r_first) * H + i_h) * E + o_e, b_h.to(buf.dtype.element_ty), mask=m_e)
+    for i in range(0, NT, D):
+        if REVERSE:
+            o_r = NT - i - D + o_d
+        else:
+            o_r = 1 + i + o_d
+        m_re = ((o_r >= 0) & (o_r <= NT))[:, None] & m_e[None, :]
+        o_row = (r0 + o_r) * H + i_h
+        # rows outside the sequence are the identity (a = 1, L = 0): the end row holds the carry
+        b_l = tl.load(buf + o_row[:, None] * E + o_e[None, :], mask=m_re, other=0.0).to(tl.float32)  # [D, BE]
+        b_a = tl.load(a_c + o_row[:, None] * M + o_me[None, :], mask=m_re, other=1.0)               # [D, BE]
+        b_a, b_l = tl.associative_scan((b_a, b_l), 0, _affine, reverse=REVERSE)
+        b_rows = b_a * b_h[None, :] + b_l
+        tl.store(buf + o_row[:, None] * E + o_e[None, :], b_rows.to(buf.dtype.element_ty), mask=m_re)
+        if REVERSE:
+            b_h = tl.sum(tl.where(o_d[:, None] == 0, b_rows, 0.0), 0)
+        else:
+            b_h = tl.sum(tl.where(o_d[:, None] == D - 1, b_rows, 0.0), 0)
+    if STORE_FINAL:
+        tl.store(h_t + (i_n * H + i_h) * E + o_e, b_h, mask=m_e)
+
+
+@triton.jit
+def nha_state_scan_kernel(
+    hk_c, hv_c, a_c, hk0, hv0, hk_t, hv_t, cu, chunk_off,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+    BE: tl.constexpr, D: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    REVERSE: tl.constexpr,
+):
+    """State scan, step 2, grid (N, H, cdiv(K*M, BE) + cdiv(M*V, BE)): per (sequence, head) and
+    BE elements of Hk (the first programs) or Hv, the chunk rows of step 1 become states in place
+    (scan_rows). Forward: states at chunk starts from h0; REVERSE (backward): state gradients
+    from 0 after the last chunk."""
+    i_n, i_h, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos = tl.load(cu + i_n).to(tl.int64)
+    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    r0 = tl.load(chunk_off + i_n).to(tl.int64)
+    NT = tl.cdiv(T_n, BT)
+    NBK: tl.constexpr = (K * M + BE - 1) // BE
+    if i_e < NBK:
+        scan_rows(hk_c, a_c, hk0, hk_t, r0, NT, i_n, i_h, i_e * BE + tl.arange(0, BE), K * M, 1,
+                  H, M, D, HAS_H0, STORE_FINAL, REVERSE)
+    else:
+        scan_rows(hv_c, a_c, hv0, hv_t, r0, NT, i_n, i_h, (i_e - NBK) * BE + tl.arange(0, BE), M * V, V,
+                  H, M, D, HAS_H0, STORE_FINAL, REVERSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,11 +550,14 @@ def plan(p, cu_seqlens, device):
     """Sequence and chunk bookkeeping shared by forward and backward.
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
-    NB blocks, NC total chunks, BT). Without cu_seqlens the B rows are N = B sequences of length
-    T in the flattened [B*T] time axis, so one code path serves both layouts. The device tables
-    are cached per (lengths, BT, device): building them means host-to-device copies, and torch
-    synchronises the stream after each such copy, which left the GPU idle for the rest of the
-    host's work on every call. Without cu_seqlens a call therefore never waits for the device.
+    NB blocks, R state rows, BT). Sequence n has NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state
+    rows from chunk_off[n] (row c: the state at the start of chunk c; row NT_n: after the last
+    chunk), so every chunk has the state before and after it. Without cu_seqlens the B rows are
+    N = B sequences of length T in the flattened [B*T] time axis, so one code path serves both
+    layouts. The device tables are cached per (lengths, BT, device): building them means
+    host-to-device copies, and torch synchronises the stream after each such copy, which left the
+    GPU idle for the rest of the host's work on every call. Without cu_seqlens a call therefore
+    never waits for the device.
     """
     BT = configs.chunk_rows(p.K, p.V, p.M)
     if cu_seqlens is None:
@@ -446,17 +569,17 @@ def plan(p, cu_seqlens, device):
 
 @functools.lru_cache(maxsize=64)
 def _plan_tables(lens: tuple, BT: int, device: str):
-    starts, offs, blocks, nc = [0], [], [], 0
+    starts, offs, blocks, rows = [0], [], [], 0
     for n, length in enumerate(lens):
         starts.append(starts[-1] + length)
-        offs.append(nc)
+        offs.append(rows)
         chunks = -(-length // BT)
         blocks.extend((n, c) for c in range(chunks))
-        nc += chunks
+        rows += chunks + 1
     cu = torch.tensor(starts, dtype=torch.int32, device=device)
     chunk_off = torch.tensor(offs, dtype=torch.int32, device=device)
     block_map = torch.tensor(blocks if blocks else [(0, 0)], dtype=torch.int32, device=device)
-    return cu, chunk_off, block_map, len(blocks), nc
+    return cu, chunk_off, block_map, len(blocks), rows
 
 
 def lowp(p) -> bool:
@@ -486,31 +609,50 @@ def safe2() -> float:
     return configs.SAFE_LIMIT * LOG2E
 
 
-def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, NC, BT, store_final, low):
-    """Run the chunk-state kernel. Returns (hk_c [NC,H,K,M], hv_c [NC,H,M,V], hk, hv); the chunk
-    states are bfloat16 when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32
-    or None."""
+def scan_grid(p) -> tuple:
+    """Grid of nha_state_scan_kernel: (N, H, blocks of Hk + blocks of Hv)."""
+    BE = configs.scan_width(p.K, p.V, p.M)
+    return (p.N, p.H, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
+
+
+def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, store_final, low):
+    """Chunk states by configs.STATE_PASS. Returns (hk_c [R,H,K,M], hv_c [R,H,M,V], hk, hv): the
+    states at every chunk start and after each sequence's last chunk (rows as in plan), bfloat16
+    when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32 or None."""
     mode = operand_mode(p, low)
     dev = v.device
     K, V, M, H, N = p.K, p.V, p.M, p.H, p.N
     sdt = torch.bfloat16 if low else torch.float32
-    hk_c = torch.empty(NC, H, K, M, dtype=sdt, device=dev)
-    hv_c = torch.empty(NC, H, M, V, dtype=sdt, device=dev)
+    hk_c = torch.empty(R, H, K, M, dtype=sdt, device=dev)
+    hv_c = torch.empty(R, H, M, V, dtype=sdt, device=dev)
     hk = torch.zeros(N, H, K, M, dtype=torch.float32, device=dev) if store_final else None
     hv = torch.zeros(N, H, M, V, dtype=torch.float32, device=dev) if store_final else None
-    if M > 0 and p.T > 0:
-        BMS = configs.state_slot_tile(M)
+    if M == 0 or N == 0:
+        return hk_c, hv_c, hk, hv
+    BMS = configs.state_slot_tile(M)
+    common = dict(W=p.W, H=H, K=K, V=V, M=M, BT=BT, BK=configs.pad(K), BV=configs.pad(V), BM=BMS,
+                  HAS_S=s is not None, G_FLOOR=configs.G_FLOOR, LOWP=mode, DOT=dot_precision(p))
+    s_arg = s if s is not None else g
+    h0k, h0v = (hk0, hv0) if hk0 is not None else (hk_c, hv_c)
+    htk, htv = (hk, hv) if store_final else (hk_c, hv_c)
+    if configs.STATE_PASS == "walk":
         nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
-            ks, v, g, s if s is not None else g,
-            hk0 if hk0 is not None else hk_c, hv0 if hv0 is not None else hv_c,
-            hk_c, hv_c, hk if store_final else hk_c, hv if store_final else hv_c, cu, chunk_off,
-            p.W, H, K, V, M, BT, configs.pad(K), configs.pad(V), BMS,
-            s is not None, hk0 is not None, store_final, configs.G_FLOOR, mode, dot_precision(p),
+            ks, v, g, s_arg, h0k, h0v, hk_c, hv_c, htk, htv, cu, chunk_off,
+            HAS_H0=hk0 is not None, STORE_FINAL=store_final, **common,
             num_warps=configs.state_num_warps(K, V), num_stages=configs.state_num_stages(K, V),
         )
-    elif store_final and hk0 is not None:
-        hk.copy_(hk0)
-        hv.copy_(hv0)
+        return hk_c, hv_c, hk, hv
+    a_c = torch.empty(R, H, M, dtype=torch.float32, device=dev)
+    if NB > 0 and p.T > 0:
+        nha_fwd_state_local_kernel[(NB, H, triton.cdiv(M, BMS))](
+            ks, v, g, s_arg, hk_c, hv_c, a_c, cu, chunk_off, block_map, **common,
+            num_warps=configs.state_num_warps(K, V),
+        )
+    nha_state_scan_kernel[scan_grid(p)](
+        hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, K, V, M, BT,
+        configs.scan_width(K, V, M), configs.scan_rows(), hk0 is not None, store_final, False,
+        num_warps=configs.scan_num_warps(),
+    )
     return hk_c, hv_c, hk, hv
 
 
@@ -526,14 +668,14 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     dev = q.device
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=dev)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, NB, NC, BT = plan(p, cu_seqlens, dev)
+    cu, chunk_off, block_map, NB, R, BT = plan(p, cu_seqlens, dev)
     qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
     sf = flat(s, H) if s is not None else None
     qsf = flat(q_slot, HQ) if q_slot is not None else qf
     ksf = flat(k_slot, H) if k_slot is not None else kf
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
-    hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, NC, BT,
+    hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
                                       p.output_final_state, lowp(p))
     if NB > 0 and T > 0:
         nha_fwd_kernel[(NB, HQ)](
