@@ -80,6 +80,19 @@ CASES = [
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_forward_backward_gpu(case, dtype):
+    check_forward_backward(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_state_walk_gpu(case, dtype, monkeypatch):
+    """The other chunk-state pass (configs.STATE_PASS "walk")."""
+    from nha_core.backends.triton import configs
+    monkeypatch.setattr(configs, "STATE_PASS", "walk")
+    check_forward_backward(case, dtype)
+
+
+def check_forward_backward(case, dtype):
     from nha_core.backends.triton.backward import backward
     from nha_core.backends.triton.forward import forward
 

@@ -295,7 +295,8 @@ def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl
     """Rows r0 .. r0+NT of one (sequence, head) of buf [R,H,E] (elements o_e; element e decays
     with slot (e // DIV) % M): forward, row 0 := h0 and row r := a_r row_{r-1} + L_r for
     r = 1..NT; REVERSE, row NT := 0 and row r := a_r row_{r+1} + L_r for r = NT-1..0. D rows per
-    step, combined by an associative scan; the last row (first, REVERSE) goes to h_t in fp32."""
+    step in the order of the recurrence (descending rows when REVERSE), combined by an associative
+    scan; the carry after the last step goes to h_t in fp32."""
     m_e = o_e < E
     o_me = (o_e // DIV) % M
     o_d = tl.arange(0, D)
@@ -309,7 +310,7 @@ def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl
     tl.store(buf + ((r0 + r_first) * H + i_h) * E + o_e, b_h.to(buf.dtype.element_ty), mask=m_e)
     for i in range(0, NT, D):
         if REVERSE:
-            o_r = NT - i - D + o_d
+            o_r = NT - 1 - i - o_d
         else:
             o_r = 1 + i + o_d
         m_re = ((o_r >= 0) & (o_r <= NT))[:, None] & m_e[None, :]
@@ -317,13 +318,10 @@ def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl
         # rows outside the sequence are the identity (a = 1, L = 0): the end row holds the carry
         b_l = tl.load(buf + o_row[:, None] * E + o_e[None, :], mask=m_re, other=0.0).to(tl.float32)  # [D, BE]
         b_a = tl.load(a_c + o_row[:, None] * M + o_me[None, :], mask=m_re, other=1.0)               # [D, BE]
-        b_a, b_l = tl.associative_scan((b_a, b_l), 0, _affine, reverse=REVERSE)
+        b_a, b_l = tl.associative_scan((b_a, b_l), 0, _affine)
         b_rows = b_a * b_h[None, :] + b_l
         tl.store(buf + o_row[:, None] * E + o_e[None, :], b_rows.to(buf.dtype.element_ty), mask=m_re)
-        if REVERSE:
-            b_h = tl.sum(tl.where(o_d[:, None] == 0, b_rows, 0.0), 0)
-        else:
-            b_h = tl.sum(tl.where(o_d[:, None] == D - 1, b_rows, 0.0), 0)
+        b_h = tl.sum(tl.where(o_d[:, None] == D - 1, b_rows, 0.0), 0)
     if STORE_FINAL:
         tl.store(h_t + (i_n * H + i_h) * E + o_e, b_h, mask=m_e)
 
