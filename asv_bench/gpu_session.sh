@@ -24,9 +24,14 @@ for step in "$@"; do
       timeout ${NHA_TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_triton_gpu.py tests/test_cupy_gpu.py \
         tests/test_naive_lowp.py -q -rf -n 8 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
     repro-bf16)   # the bf16 slot-dot fault (asv_bench/triton_tuning_notes.md), one process per setting
-      for setting in "" "BF16_SLOT_DOTS=True" "BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64" "BF16_SLOT_DOTS=True num_warps=8"; do
-        timeout 90 python3 asv_bench/repro_bf16_slots.py 12 $setting 2>&1 | grep -E "bad|Error" | tail -2
+      # (NHA_REPRO_SETTINGS: space-separated settings, each NAME=VALUE,NAME=VALUE; "" = the defaults)
+      for setting in ${NHA_REPRO_SETTINGS:-"BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64"}; do
+        echo "== ${setting:-default}"; timeout 90 python3 asv_bench/repro_bf16_slots.py 12 ${setting//,/ } 2>&1 | grep -E "bad|Error" | tail -2
       done | tee "$OUT/repro_bf16.log" ;;
+    bf16-dots)   # bf16 slot dots with the candidate tile against the default, checked and timed at gpu-a
+      timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
+        --check-all --variant default: --variant bf16-bm64:BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64 \
+        > "$OUT/bf16_dots.log" 2>&1; grep -A3 "^variant" "$OUT/bf16_dots.log" ;;
     tests-quick)
       timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
       NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \
@@ -34,12 +39,11 @@ for step in "$@"; do
       tail -15 "$OUT/properties_gpu.log" ;;
     properties)
       NHA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/properties_gpu.log" ;;
-    state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS); bf16 slot dots last
+    state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS)
       { timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-b --modes forward,backward --out "$OUT" \
           --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk
         timeout 240 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
-          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk \
-          --variant scan-bf16-bm64:STATE_PASS=scan,BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64 --check-all; } \
+          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk; } \
         > "$OUT/state_pass.log" 2>&1; grep -A4 "^variant" "$OUT/state_pass.log" ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"

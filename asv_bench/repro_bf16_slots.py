@@ -6,7 +6,7 @@ within SPEC's bf16 bound or whose gradients are not finite. Config overrides as 
 
     python3 asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True     # failed 12/12 on an H200 (2026-12-02)
     python3 asv_bench/repro_bf16_slots.py 12                         # the default (TF32 slot dots): 0/12
-    python3 asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64   # not yet run
+    python3 asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64
     compute-sanitizer --tool memcheck python3 asv_bench/repro_bf16_slots.py 2 BF16_SLOT_DOTS=True
 
 An illegal memory access ends the process (the CUDA context is lost): run one setting per process.
@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import nha_core.reference as ref  # noqa: E402
+import nha_core  # noqa: E402,F401  (first: the package wires up its backends)
 import tests.test_triton_gpu as t  # noqa: E402
 from nha_core.backends.triton import configs  # noqa: E402
 from nha_core.backends.triton.backward import backward  # noqa: E402

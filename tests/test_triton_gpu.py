@@ -79,7 +79,10 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_forward_backward_gpu(case, dtype):
+def test_forward_backward_gpu(case, dtype, monkeypatch):
+    """Chunk states by the scan ("auto" would walk at these few chunks; test_state_walk_gpu)."""
+    from nha_core.backends.triton import configs
+    monkeypatch.setattr(configs, "STATE_PASS", "scan")
     check_forward_backward(case, dtype)
 
 

@@ -68,7 +68,9 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M: 16)
     monkeypatch.setattr(tc, "window_rows", lambda K, V: 16)
     monkeypatch.setattr(tc, "decode_window_rows", lambda K, V: 16)
-    # the state scan in several steps of 2 chunks and several element blocks with a ragged tail
+    # the state scan (not the walk "auto" picks for so few chunks) in several steps of 2 chunks
+    # and several element blocks with a ragged tail
+    monkeypatch.setattr(tc, "STATE_PASS", "scan")
     monkeypatch.setattr(tc, "scan_rows", lambda: 2)
     monkeypatch.setattr(tc, "scan_width", lambda K, V, M: 32)
 
@@ -154,6 +156,13 @@ def test_state_walk_small_tiles(case, small_tiles, monkeypatch):
     """The other chunk-state pass (configs.STATE_PASS "walk": one program walks the chunks)."""
     monkeypatch.setattr(tc, "STATE_PASS", "walk")
     check(**dict(zip(("p", "x"), make(0, **case))))
+
+
+def test_state_pass_choice():
+    """"auto" walks when the chains are short and the programs many (gpu-a: B = 8, T = 4096,
+    64 chunks per sequence) and scans long single sequences (gpu-b: B = 1, T = 32768)."""
+    assert tc.state_pass(8, 16, 64, 64, 64, 64, 8 * 64) == "walk"
+    assert tc.state_pass(1, 16, 64, 64, 64, 512, 512) == "scan"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))

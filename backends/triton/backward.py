@@ -35,7 +35,7 @@ import triton.language as tl
 
 from . import configs
 from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
-                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid,
+                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid, state_pass,
                       window_ranges)
 
 
@@ -456,8 +456,8 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, NB, R, BT = plan(p, cu_seqlens, dev)
-    BK, BV, BM = configs.pad(K), configs.pad(V), configs.pad(M)
+    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev)
+    BK, BV, BM = configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p))
     # bfloat16 inputs (forward.lowp): which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
     # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice
     # there is an accuracy decision (see configs).
@@ -497,7 +497,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
 
     if has_slots:
         hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                        False, low and configs.BWD_BF16_STATES)
+                                        longest, False, low and configs.BWD_BF16_STATES)
         ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
@@ -519,7 +519,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         common = dict(scale=p.scale, W=p.W, HQ=HQ, H=H, G=G, K=K, V=V, M=M, BT=BT, BK=BK, BV=BV, BM=BMS,
                       G_FLOOR=configs.G_FLOOR, LOWP=LOWP_ST, DOT=DOT)
         dh0k, dh0v = (dhk0, dhv0) if dhk0 is not None else (dh_k, dh_v)
-        if configs.STATE_PASS == "walk":
+        if state_pass(p, NB, longest) == "walk":
             nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, dh0k, dh0v, cu, chunk_off,
                 HAS_H0=hk0 is not None, **common, num_warps=4,

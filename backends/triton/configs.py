@@ -81,6 +81,8 @@ BF16_SLOT_DOTS = False
 # whose K is BM (= 32 there); 64 is the first thing to try on a GPU with it on
 # (asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64).
 BF16_MIN_SLOT_TILE = 32
+# Smallest BM otherwise (see slot_tile).
+MIN_SLOT_TILE = 32
 
 
 def next_pow2(n: int) -> int:
@@ -160,11 +162,25 @@ def state_slot_tile(M: int) -> int:
 
 
 # How the chunk states are built: "scan" (every chunk's own update at once, then a scan over
-# chunks, D per step) or "walk" (one program per (sequence, head, slot tile) walks the chunks in
-# order: a chain of cdiv(T, BT) dependent steps, 512 at gpu-b, with only N*H*M/BMS = 32 programs
-# there). Prediction before the first GPU run (2026-12-02): "scan" takes the gpu-b forward state
-# pass from ~1.9 ms to ~0.25 ms and gpu-a's from 0.33 to ~0.25 ms (TF32, fp32 states).
-STATE_PASS = "scan"
+# chunks, D per step), "walk" (one program per (sequence, head, slot tile) walks the chunks in
+# order) or "auto" (state_pass below picks one per call).
+STATE_PASS = "auto"
+
+
+def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int) -> str:
+    """The faster chunk-state pass by a two-constant cost model fitted on an H200 (2026-12-02,
+    bf16 inputs, fp32 states, K = V = M = 64; asv_bench/triton_tuning_notes.md):
+
+    * walk: a chain of ``longest`` dependent chunk steps, ~4.5 us each while the
+      N * H * cdiv(M, BMS) programs fit two per SM (gpu-b: 512 steps, 2.08 ms; gpu-a: 64 steps,
+      0.345 ms), one more chain per further two programs per SM;
+    * scan: bandwidth-bound work over all ``chunks`` * H states (0.485 ms for 8192 chunk-heads of
+      8192 state elements: gpu-a and gpu-b alike).
+    """
+    programs = N * H * -(-M // state_slot_tile(M))
+    walk_ms = longest * 0.0045 * max(1.0, programs / 264)
+    scan_ms = 0.485 * chunks * H * (K * M + M * V) / (512 * 16 * 8192)
+    return "walk" if walk_ms <= scan_ms else "scan"
 
 
 def scan_width(K: int, V: int, M: int) -> int:
@@ -198,12 +214,13 @@ def state_num_stages(K: int, V: int) -> int:
 
 
 def slot_tile(M: int, low: bool) -> int:
-    """BM of the main forward kernel. With bfloat16 slot dots it is at least 32: the one GPU
-    test case with BM = 16 at BT = 64 (M = 16, bf16, GQA 4, varlen) gave wrong and sometimes
-    non-finite outputs that varied between processes, while the same case in fp32 (TF32 dots),
-    the same kernel under the interpreter and BM = 16 at BT = 16 (K = 256) were right; the
-    suspect is the 64 x 16 bf16 wgmma tile. Padded slots are masked (logit -inf, write 0)."""
-    return max(BF16_MIN_SLOT_TILE, pad(M)) if low else pad(M)
+    """BM of the main forward and backward kernels: at least MIN_SLOT_TILE (BF16_MIN_SLOT_TILE
+    with bfloat16 slot dots). A BM = 16 tile at BT = 64 gave wrong, sometimes non-finite outputs
+    on an H200 (Triton 3.6) twice: with bf16 slot dots (M = 16, GQA 4, varlen; 2026-11) and with
+    the TF32-rounded operands of float16/bfloat16 inputs (2026-12-02, asv_bench/debug notes in
+    triton_tuning_notes.md: o rel. error 0.48 and inf on the M = 16 cases, 4e-4 with BM = 32;
+    unrounded fp32 operands at BM = 16 were right). Padded slots are masked (logit -inf, write 0)."""
+    return max(BF16_MIN_SLOT_TILE if low else MIN_SLOT_TILE, pad(M))
 
 
 def decode_window_rows(K: int, V: int) -> int:

@@ -10,7 +10,7 @@ window ``(t-W, t]``::
 
 Kernels (one sequence of the packed batch is ``bos .. eos``; chunks of ``BT`` shifted tokens):
 
-* Chunk states (``chunk_states``), by configs.STATE_PASS: ``"scan"``: ``nha_fwd_state_local_kernel``
+* Chunk states (``chunk_states``), by configs.STATE_PASS (or per problem, ``state_pass``): ``"scan"``: ``nha_fwd_state_local_kernel``
   grid ``(chunks, H, cdiv(M, BMS))`` computes what every chunk alone does to the state
   (``state_end = a * state_start + L``) at once, then ``nha_state_scan_kernel`` grid
   ``(N, H, element blocks)`` chains them in place, ``D`` chunks per step by an associative scan;
@@ -548,7 +548,7 @@ def plan(p, cu_seqlens, device):
     """Sequence and chunk bookkeeping shared by forward and backward.
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
-    NB blocks, R state rows, BT). Sequence n has NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state
+    NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state
     rows from chunk_off[n] (row c: the state at the start of chunk c; row NT_n: after the last
     chunk), so every chunk has the state before and after it. Without cu_seqlens the B rows are
     N = B sequences of length T in the flattened [B*T] time axis, so one code path serves both
@@ -562,7 +562,7 @@ def plan(p, cu_seqlens, device):
         lens = (p.T,) * p.B
     else:
         lens = tuple(cu_seqlens.detach().to("cpu", torch.int64).diff().tolist())
-    return _plan_tables(lens, BT, str(device)) + (BT,)
+    return _plan_tables(lens, BT, str(device)) + (BT, -(-max(lens, default=0) // BT))
 
 
 @functools.lru_cache(maxsize=64)
@@ -613,8 +613,15 @@ def scan_grid(p) -> tuple:
     return (p.N, p.H, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
 
 
-def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, store_final, low):
-    """Chunk states by configs.STATE_PASS. Returns (hk_c [R,H,K,M], hv_c [R,H,M,V], hk, hv): the
+def state_pass(p, NB, longest) -> str:
+    """configs.STATE_PASS, or the pass configs.state_pass picks for this problem ("auto")."""
+    if configs.STATE_PASS != "auto":
+        return configs.STATE_PASS
+    return configs.state_pass(p.N, p.H, p.K, p.V, p.M, longest, NB)
+
+
+def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, longest, store_final, low):
+    """Chunk states by the pass state_pass picks. Returns (hk_c [R,H,K,M], hv_c [R,H,M,V], hk, hv): the
     states at every chunk start and after each sequence's last chunk (rows as in plan), bfloat16
     when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32 or None."""
     mode = operand_mode(p, low)
@@ -633,7 +640,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
     s_arg = s if s is not None else g
     h0k, h0v = (hk0, hv0) if hk0 is not None else (hk_c, hv_c)
     htk, htv = (hk, hv) if store_final else (hk_c, hv_c)
-    if configs.STATE_PASS == "walk":
+    if state_pass(p, NB, longest) == "walk":
         nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
             ks, v, g, s_arg, h0k, h0v, hk_c, hv_c, htk, htv, cu, chunk_off,
             HAS_H0=hk0 is not None, STORE_FINAL=store_final, **common,
@@ -666,7 +673,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     dev = q.device
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=dev)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, NB, R, BT = plan(p, cu_seqlens, dev)
+    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev)
     qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
     sf = flat(s, H) if s is not None else None
     qsf = flat(q_slot, HQ) if q_slot is not None else qf
@@ -674,7 +681,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
     hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                      p.output_final_state, lowp(p))
+                                      longest, p.output_final_state, lowp(p))
     if NB > 0 and T > 0:
         nha_fwd_kernel[(NB, HQ)](
             qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, cu, chunk_off,
