@@ -72,15 +72,15 @@ BWD_CHAIN_DERIVED_S = True
 WINDOW_SPLIT = True
 
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
-# operands on TF32 tensor cores, as for float16 inputs. Off: with it on, nha_fwd_kernel (Triton
-# 3.6, H200, 2026-12-02) made an out-of-range shared-memory access (compute-sanitizer, in a
-# reduction) on the varlen bf16 case B1-T260-HQ4-H1-K64-M16-W33 in 12 of 12 runs, and once on a
-# GQA M=64 case; 0 of 12 with it off. num_stages=1 did not avoid it.
-BF16_SLOT_DOTS = False
-# Smallest BM with bf16 slot dots (see slot_tile). The fault above sits in a slot readout dot
-# whose K is BM (= 32 there); 64 is the first thing to try on a GPU with it on
-# (asv_bench/repro_bf16_slots.py 12 BF16_SLOT_DOTS=True BF16_MIN_SLOT_TILE=64).
-BF16_MIN_SLOT_TILE = 32
+# operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
+# dots made nha_fwd_kernel (Triton 3.6, H200, 2026-12-02) access shared memory out of range
+# (compute-sanitizer, a slot readout dot with K = BM = 32) on the varlen bf16 case
+# B1-T260-HQ4-H1-K64-M16-W33 in 12 of 12 runs; with BM >= 64 (BF16_MIN_SLOT_TILE) 0 of 12, the
+# fp64 checks of asv_bench/tune_gpu.py passing, and at gpu-a forward 0.808 ms / backward 5.106
+# against 1.153 / 5.324 with TF32 slot dots (same run, H200, 2026-12-02).
+BF16_SLOT_DOTS = True
+# Smallest BM with bf16 slot dots (see slot_tile): 32 faulted as above, 64 did not.
+BF16_MIN_SLOT_TILE = 64
 # Smallest BM otherwise (see slot_tile).
 MIN_SLOT_TILE = 32
 
