@@ -38,9 +38,10 @@ backward reuses them.
 
 Precision: for bfloat16 inputs every slot dot takes bfloat16 operands with fp32 accumulation (states,
 decays and probabilities are rounded to bf16 right before the dot; the error stays far inside
-SPEC's 2e-2) when configs.BF16_SLOT_DOTS is on; otherwise 16-bit inputs keep fp32 slot operands,
-rounded to TF32 in ``_op`` (OP_TF32), on TF32 dots, and 16-bit window dots; float32 inputs keep IEEE
-fp32 dots (SPEC's 1e-3).
+SPEC's 2e-2) when configs.BF16_SLOT_DOTS is on; float16 inputs keep fp32 slot operands on split-TF32
+dots (configs.FP16_SLOT_DOTS, ~fp32 accuracy) and 16-bit window dots; where a bfloat16 slot dot
+takes fp32 operands they are rounded to TF32 in ``_op`` (OP_TF32) for TF32 dots; float32 inputs keep
+IEEE fp32 dots (SPEC's 1e-3).
 """
 from __future__ import annotations
 
@@ -590,17 +591,23 @@ def lowp(p) -> bool:
 
 def operand_mode(p, bf16: bool | None = None) -> int:
     """The kernels' LOWP: OP_BF16 where bf16 operands are chosen (``bf16``, default lowp(p)),
-    else OP_TF32 for 16-bit inputs (TF32 dots) and OP_FP32 for fp32 inputs (IEEE dots)."""
+    else OP_FP32 for fp32 inputs (IEEE dots) and for float16 inputs on split-TF32 dots
+    (configs.FP16_SLOT_DOTS "tf32x3"), OP_TF32 for the other 16-bit cases (TF32 dots)."""
     use_bf16 = lowp(p) if bf16 is None else bf16
     if use_bf16:
         return OP_BF16
-    return OP_FP32 if p.dtype == "float32" else OP_TF32
+    if p.dtype == "float32" or (p.dtype == "float16" and configs.FP16_SLOT_DOTS == "tf32x3"):
+        return OP_FP32
+    return OP_TF32
 
 
 def dot_precision(p) -> str:
-    """fp32 inputs need IEEE fp32 dots (SPEC §5: 1e-3 on GPU); float16 inputs take TF32 for
-    their fp32 slot operands (10 mantissa bits, as fp16); bf16 dots have bf16 operands."""
-    return "ieee" if p.dtype == "float32" else "tf32"
+    """fp32 inputs need IEEE fp32 dots (SPEC section 5: 1e-3 on GPU); float16 inputs take
+    configs.FP16_SLOT_DOTS for their fp32 slot operands; bfloat16 inputs TF32 where a slot dot
+    has fp32 operands. Dots of 16-bit operands (the window's) ignore it."""
+    if p.dtype == "float32":
+        return "ieee"
+    return configs.FP16_SLOT_DOTS if p.dtype == "float16" else "tf32"
 
 
 def safe2() -> float:
