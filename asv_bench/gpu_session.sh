@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels and the package, then run the given steps, logging to $OUT.
 #   bash asv_bench/gpu_session.sh tests     # GPU test suites of triton and cupy (pytest-xdist, 8 workers)
+#   bash asv_bench/gpu_session.sh properties  # Hypothesis properties against triton and cupy on the GPU
 #   bash asv_bench/gpu_session.sh repro-bf16  # the bf16 slot-dot fault, with and without the candidate fix
 #   bash asv_bench/gpu_session.sh state-pass  # chunk-state scan vs walk, gpu-b and gpu-a
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
@@ -37,8 +38,10 @@ for step in "$@"; do
       NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \
         python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
       tail -15 "$OUT/properties_gpu.log" ;;
-    properties)
-      NHA_TEST_DEVICE=cuda timeout 300 python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/properties_gpu.log" ;;
+    properties)   # the Hypothesis property suite against every usable CUDA backend (triton, cupy), 8 workers
+      NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
+        python3 -m pytest -m gpu tests/test_properties.py -q -rf -n 8 -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
+      tail -30 "$OUT/properties_gpu.log" ;;
     state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS)
       { timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-b --modes forward,backward --out "$OUT" \
           --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk
@@ -62,7 +65,7 @@ for step in "$@"; do
       # from a bundle made where the tree was committed: `git bundle create .whl/repo.bundle HEAD`.
       # Results: asv_bench/results/<machine>/<commit8>-existing-*.json (+ machine.json, benchmarks.json),
       # packed into $OUT/asv_results.tar (extract it in asv_bench/); the log is $OUT/asv.log.
-      # asv writes results only when the run ends: NHA_GPU_BUDGET_S (default 330 s of measuring)
+      # asv writes results only when the run ends: NHA_GPU_BUDGET_S (default 300 s of measuring)
       # must leave room inside the timeout (540 s) for discovery and the last job's overrun.
       export GIT_CONFIG_COUNT=1 GIT_CONFIG_KEY_0=safe.directory GIT_CONFIG_VALUE_0='*'  # copied tree: other owner
       if ! command -v git >/dev/null; then echo "asv: no git on this host" | tee "$OUT/asv.log"; continue; fi
@@ -99,7 +102,8 @@ info["ram"] = f"{round(int(info['ram']) / 2**30)} GiB" if str(info["ram"]).isdig
 MachineCollection.save(sys.argv[1], info)
 print("asv machine:", info, "| driver:", ", ".join(card[2:]))
 PY
-      [ $? = 0 ] && (cd asv_bench && NHA_GPU_BUDGET_S=${NHA_GPU_BUDGET_S:-330} timeout ${NHA_ASV_TIMEOUT_S:-540} \
+      # NHA_GPU_RECORDS: every measurement also lands in $OUT/asv_records.jsonl as it is taken
+      [ $? = 0 ] && (cd asv_bench && NHA_GPU_RECORDS="$OUT/asv_records.jsonl" NHA_GPU_BUDGET_S=${NHA_GPU_BUDGET_S:-300} timeout ${NHA_ASV_TIMEOUT_S:-540} \
           python3 -m asv run --config asv.session.conf.json --python=same --set-commit-hash "$commit" --machine "$machine" \
           --bench "${NHA_ASV_BENCH:-bench_gpu.Summary}" --show-stderr >> "$OUT/asv.log" 2>&1)
       echo "asv run exit $?" >> "$OUT/asv.log"

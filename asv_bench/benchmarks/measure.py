@@ -9,7 +9,9 @@ is recorded as "skipped: time budget".
 from __future__ import annotations
 
 import gc
+import json
 import math
+import os
 import time
 import traceback
 
@@ -144,13 +146,20 @@ def run_all(shape_names, *, deadline: float, quick=False, log=print, nha_backend
     """Every (shape, impl, mode) that fits before ``deadline`` (a time.perf_counter() value).
 
     Order puts what the SPEC's ratios need first: NHA forward, then its peers, then backward.
+    With NHA_GPU_RECORDS set, every record is also appended to that file as it is taken (JSON
+    lines), so a run that a caller's timeout cuts short (asv writes its results only at the end)
+    still leaves what it measured.
     """
     records = []
+    sink = os.environ.get("NHA_GPU_RECORDS")
 
     def add(rec):
         records.append(rec)
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items() if k != "trace"}
         log(f"  {shown}")
+        if sink:
+            with open(sink, "a") as f:
+                f.write(json.dumps(shown, default=str) + "\n")
 
     def over():
         return time.perf_counter() > deadline
