@@ -35,8 +35,8 @@ import triton.language as tl
 
 from . import configs
 from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
-                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid, state_pass,
-                      window_ranges)
+                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid,
+                      state_pass, window_ranges)
 
 
 @triton.jit

@@ -10,10 +10,11 @@ window ``(t-W, t]``::
 
 Kernels (one sequence of the packed batch is ``bos .. eos``; chunks of ``BT`` shifted tokens):
 
-* Chunk states (``chunk_states``), by configs.STATE_PASS (or per problem, ``state_pass``): ``"scan"``: ``nha_fwd_state_local_kernel``
-  grid ``(chunks, H, cdiv(M, BMS))`` computes what every chunk alone does to the state
-  (``state_end = a * state_start + L``) at once, then ``nha_state_scan_kernel`` grid
-  ``(N, H, element blocks)`` chains them in place, ``D`` chunks per step by an associative scan;
+* Chunk states (``chunk_states``), by the pass ``state_pass`` picks (configs.STATE_PASS):
+  ``"scan"``: ``nha_fwd_state_local_kernel`` grid ``(chunks, H, cdiv(M, BMS))`` computes what
+  every chunk alone does to the state (``state_end = a * state_start + L``) at once, then
+  ``nha_state_scan_kernel`` grid ``(N, H, element blocks)`` chains them in place, ``D`` chunks
+  per step by an associative scan;
   ``"walk"``: ``nha_fwd_state_kernel`` grid ``(N, H, cdiv(M, BMS))`` walks the chunks in order,
   one program per slot tile. Either way the states land at every chunk start and after each
   sequence's last chunk (Hk_c [R,H,K,M], Hv_c [R,H,M,V], ``R`` rows as in ``plan``; bfloat16
@@ -295,7 +296,8 @@ def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl
               HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr):
     """Rows r0 .. r0+NT of one (sequence, head) of buf [R,H,E] (elements o_e; element e decays
     with slot (e // DIV) % M): forward, row 0 := h0 and row r := a_r row_{r-1} + L_r for
-    r = 1..NT; REVERSE, row NT := 0 and row r := a_r row_{r+1} + L_r for r = NT-1..0. D rows per
+    r = 1..NT; REVERSE, row NT := h0 and row r := a_r row_{r+1} + L_r for r = NT-1..0 (h0 is 0
+    without HAS_H0). D rows per
     step in the order of the recurrence (descending rows when REVERSE), combined by an associative
     scan; the carry after the last step goes to h_t in fp32."""
     m_e = o_e < E
@@ -549,14 +551,14 @@ def plan(p, cu_seqlens, device):
     """Sequence and chunk bookkeeping shared by forward and backward.
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
-    NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state
-    rows from chunk_off[n] (row c: the state at the start of chunk c; row NT_n: after the last
-    chunk), so every chunk has the state before and after it. Without cu_seqlens the B rows are
-    N = B sequences of length T in the flattened [B*T] time axis, so one code path serves both
-    layouts. The device tables are cached per (lengths, BT, device): building them means
-    host-to-device copies, and torch synchronises the stream after each such copy, which left the
-    GPU idle for the rest of the host's work on every call. Without cu_seqlens a call therefore
-    never waits for the device.
+    NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has
+    NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state rows from chunk_off[n] (row c: the state at
+    the start of chunk c; row NT_n: after the last chunk), so every chunk has the state before
+    and after it. Without cu_seqlens the B rows are N = B sequences of length T in the flattened
+    [B*T] time axis, so one code path serves both layouts. The device tables are cached per
+    (lengths, BT, device): building them means host-to-device copies, and torch synchronises the
+    stream after each such copy, which left the GPU idle for the rest of the host's work on every
+    call. Without cu_seqlens a call therefore never waits for the device.
     """
     BT = configs.chunk_rows(p.K, p.V, p.M)
     if cu_seqlens is None:
