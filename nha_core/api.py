@@ -18,6 +18,7 @@ and write weight s_j, at step j + W. One softmax runs over the M slot logits and
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -291,11 +292,14 @@ def _derive_s(ops, g):
     return ops.narrow(-ops.lib.expm1(wide), like=g)
 
 
-def _prepare(mode, arrays, *, window_size, scale, initial_state, cu_seqlens, backend,
+def _prepare(mode, arrays, *, window_size, scale, initial_state, cu_seqlens, backend, scope,
              output_final_state=False, return_lse=False) -> _Prepared:
+    """Validate, pick the backend and convert the arrays to its native type; from the conversion
+    on, the call runs inside ``scope`` on the caller's CUDA stream (interop.caller_stream)."""
     p, cu_host = _describe(mode, arrays, window_size=window_size, scale=scale, initial_state=initial_state,
                            cu_seqlens=cu_seqlens, output_final_state=output_final_state, return_lse=return_lse)
     b = registry.select(p, backend)
+    scope.enter_context(interop.caller_stream(interop.array_kind(arrays["q"], "q"), b.array_kind, p.device))
     ops = interop.NativeOps(b.array_kind, p.device)
     native = {n: interop.to_native(x, b.array_kind, interop.array_kind(x, n)) if x is not None else None
               for n, x in arrays.items()}
@@ -374,27 +378,28 @@ def attention(q, k, v, g, *, window_size, s=None, q_slot=None, k_slot=None, scal
         the tuple ``(o, lse or None, state or None)``.
     """
     arrays = dict(q=q, k=k, v=v, g=g, s=s, q_slot=q_slot, k_slot=k_slot)
-    pre = _prepare("forward", arrays, window_size=window_size, scale=scale, initial_state=initial_state,
-                   cu_seqlens=cu_seqlens, backend=backend, output_final_state=output_final_state,
-                   return_lse=return_lse)
-    p, x, ops, layout = pre.p, pre.x, pre.ops, pre.layout
-    o, lse, hk, hv = pre.backend.forward(p, x["q"], x["k"], x["v"], x["g"], x["s"], x["q_slot"], x["k_slot"],
-                                         pre.hk0, pre.hv0, pre.cu)
-    B, T = q.shape[0], q.shape[1]
-    if layout.extended:
-        o = ops.take(o, layout.real, 1).reshape((B, T) + tuple(o.shape[2:]))
-        lse = ops.take(lse, layout.real, 2)
-        lse = ops.cat([lse[:, :, i * T:(i + 1) * T] for i in range(B)], 0) if B > 1 else lse
-    kind, native = interop.array_kind(q, "q"), pre.backend.array_kind
-    if not (return_lse or output_final_state):
-        return interop.to_caller(o, kind, native)
-    state = None
-    if output_final_state:
-        state = _final_state(pre, hk, hv, x)
-        state = NHAState(**{f: interop.to_caller(a, kind, native) if f != "window_size" else a
-                            for f, a in state.__dict__.items()})
-    return (interop.to_caller(o, kind, native), interop.to_caller(lse, kind, native) if return_lse else None,
-            state)
+    with contextlib.ExitStack() as scope:   # the caller's CUDA stream from here on (_prepare)
+        pre = _prepare("forward", arrays, window_size=window_size, scale=scale, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, backend=backend, scope=scope,
+                       output_final_state=output_final_state, return_lse=return_lse)
+        p, x, ops, layout = pre.p, pre.x, pre.ops, pre.layout
+        o, lse, hk, hv = pre.backend.forward(p, x["q"], x["k"], x["v"], x["g"], x["s"], x["q_slot"], x["k_slot"],
+                                             pre.hk0, pre.hv0, pre.cu)
+        B, T = q.shape[0], q.shape[1]
+        if layout.extended:
+            o = ops.take(o, layout.real, 1).reshape((B, T) + tuple(o.shape[2:]))
+            lse = ops.take(lse, layout.real, 2)
+            lse = ops.cat([lse[:, :, i * T:(i + 1) * T] for i in range(B)], 0) if B > 1 else lse
+        kind, native = interop.array_kind(q, "q"), pre.backend.array_kind
+        if not (return_lse or output_final_state):
+            return interop.to_caller(o, kind, native)
+        state = None
+        if output_final_state:
+            state = _final_state(pre, hk, hv, x)
+            state = NHAState(**{f: interop.to_caller(a, kind, native) if f != "window_size" else a
+                                for f, a in state.__dict__.items()})
+        return (interop.to_caller(o, kind, native), interop.to_caller(lse, kind, native) if return_lse else None,
+                state)
 
 
 def _final_state(pre: _Prepared, hk, hv, x) -> NHAState:
@@ -421,64 +426,65 @@ def attention_backward(do, q, k, v, g, o, lse, *, window_size, s=None, q_slot=No
     dstate)``; the gradient through a final state is not part of the loss.
     """
     arrays = dict(q=q, k=k, v=v, g=g, s=s, q_slot=q_slot, k_slot=k_slot, do=do, o=o, lse=lse)
-    pre = _prepare("backward", arrays, window_size=window_size, scale=scale, initial_state=initial_state,
-                   cu_seqlens=cu_seqlens, backend=backend)
-    p, x, ops, layout = pre.p, pre.x, pre.ops, pre.layout
-    dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = pre.backend.backward(
-        p, x["do"], x["q"], x["k"], x["v"], x["g"], x["s"], x["q_slot"], x["k_slot"], x["o"], x["lse"],
-        pre.hk0, pre.hv0, pre.cu)
-    # A derived s = 1 - exp(g) passes its gradient on to g: dg -= ds * exp(g). A backend with
-    # chains_derived_s did that inside its kernel when it got s = None (then every s was derived).
-    chained = x["s"] is None and pre.backend.chains_derived_s
-    derived = np.zeros(int(x["g"].shape[1]), bool)
-    if pre.derived_s:
-        derived[layout.real if layout.extended else slice(None)] = True
-    if layout.extended and not pre.state_s_cache:
-        derived[layout.cached] = True
-    if derived.any() and not chained:
-        chain = ops.widen(ds) * ops.exp(ops.widen(x["g"]))
-        if not derived.all():
-            chain = chain * ops.from_host(derived.reshape(1, -1, 1, 1), like=chain)
-        dg = ops.narrow(ops.widen(dg) - chain, like=dg)
-    kind, native = interop.array_kind(q, "q"), pre.backend.array_kind
-    out = lambda a: interop.to_caller(a, kind, native)  # noqa: E731
-    if not layout.extended:
-        dstate = None
-        if initial_state is not None:
-            dstate = _zero_like_state(ops, p, initial_state, dhk0, dhv0)
-            dstate = NHAState(**{f: out(a) if f != "window_size" else a for f, a in dstate.__dict__.items()})
-        return NHAGrads(out(dq), out(dk), out(dv), out(dg), out(ds) if s is not None else None,
-                        out(dq_slot) if q_slot is not None else None,
-                        out(dk_slot) if k_slot is not None else None, dstate)
-    B, T = q.shape[0], q.shape[1]
-    real = lambda a: ops.take(a, layout.real, 1).reshape((B, T) + tuple(a.shape[2:]))  # noqa: E731
-    if k_slot is None and dk_slot is not None:   # k_slot was k for the new tokens
-        dk_real = ops.add(real(dk), real(dk_slot))
-    else:
-        dk_real = real(dk)
-    N, W = len(layout.lens), p.W
-    ring_index = np.zeros(N * W, np.int64)
-    ring_index[layout.src_ring[layout.cached]] = 1 + layout.cached
+    with contextlib.ExitStack() as scope:   # the caller's CUDA stream from here on (_prepare)
+        pre = _prepare("backward", arrays, window_size=window_size, scale=scale, initial_state=initial_state,
+                       cu_seqlens=cu_seqlens, backend=backend, scope=scope)
+        p, x, ops, layout = pre.p, pre.x, pre.ops, pre.layout
+        dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0 = pre.backend.backward(
+            p, x["do"], x["q"], x["k"], x["v"], x["g"], x["s"], x["q_slot"], x["k_slot"], x["o"], x["lse"],
+            pre.hk0, pre.hv0, pre.cu)
+        # A derived s = 1 - exp(g) passes its gradient on to g: dg -= ds * exp(g). A backend with
+        # chains_derived_s did that inside its kernel when it got s = None (then every s was derived).
+        chained = x["s"] is None and pre.backend.chains_derived_s
+        derived = np.zeros(int(x["g"].shape[1]), bool)
+        if pre.derived_s:
+            derived[layout.real if layout.extended else slice(None)] = True
+        if layout.extended and not pre.state_s_cache:
+            derived[layout.cached] = True
+        if derived.any() and not chained:
+            chain = ops.widen(ds) * ops.exp(ops.widen(x["g"]))
+            if not derived.all():
+                chain = chain * ops.from_host(derived.reshape(1, -1, 1, 1), like=chain)
+            dg = ops.narrow(ops.widen(dg) - chain, like=dg)
+        kind, native = interop.array_kind(q, "q"), pre.backend.array_kind
+        out = lambda a: interop.to_caller(a, kind, native)  # noqa: E731
+        if not layout.extended:
+            dstate = None
+            if initial_state is not None:
+                dstate = _zero_like_state(ops, p, initial_state, dhk0, dhv0)
+                dstate = NHAState(**{f: out(a) if f != "window_size" else a for f, a in dstate.__dict__.items()})
+            return NHAGrads(out(dq), out(dk), out(dv), out(dg), out(ds) if s is not None else None,
+                            out(dq_slot) if q_slot is not None else None,
+                            out(dk_slot) if k_slot is not None else None, dstate)
+        B, T = q.shape[0], q.shape[1]
+        real = lambda a: ops.take(a, layout.real, 1).reshape((B, T) + tuple(a.shape[2:]))  # noqa: E731
+        if k_slot is None and dk_slot is not None:   # k_slot was k for the new tokens
+            dk_real = ops.add(real(dk), real(dk_slot))
+        else:
+            dk_real = real(dk)
+        N, W = len(layout.lens), p.W
+        ring_index = np.zeros(N * W, np.int64)
+        ring_index[layout.src_ring[layout.cached]] = 1 + layout.cached
 
-    def ring(a):
-        trailing = tuple(int(d) for d in a.shape[2:])
-        source = ops.cat([ops.zeros((1,) + trailing, p.dtype), _rows(a, trailing)], 0)
-        return ops.take(source, ring_index, 0).reshape((N, W) + trailing)
+        def ring(a):
+            trailing = tuple(int(d) for d in a.shape[2:])
+            source = ops.cat([ops.zeros((1,) + trailing, p.dtype), _rows(a, trailing)], 0)
+            return ops.take(source, ring_index, 0).reshape((N, W) + trailing)
 
-    dk_cache = ring(dk)
-    if dk_slot is not None and not pre.state_k_slot_cache:  # cached k_slot was k_cache
-        dk_cache = ops.add(dk_cache, ring(dk_slot))
-    dstate = NHAState(
-        hk=dhk0, hv=dhv0, k_cache=dk_cache, v_cache=ring(dv), g_cache=ring(dg),
-        s_cache=ring(ds) if pre.state_s_cache else None,
-        k_slot_cache=ring(dk_slot) if pre.state_k_slot_cache else None,
-        seen=ops.index(layout.seen), window_size=W,
-    )
-    dstate = NHAState(**{f: out(a) if f != "window_size" else a for f, a in dstate.__dict__.items()})
-    return NHAGrads(out(real(dq)), out(dk_real), out(real(dv)), out(real(dg)),
-                    out(real(ds)) if s is not None else None,
-                    out(real(dq_slot)) if q_slot is not None else None,
-                    out(real(dk_slot)) if k_slot is not None else None, dstate)
+        dk_cache = ring(dk)
+        if dk_slot is not None and not pre.state_k_slot_cache:  # cached k_slot was k_cache
+            dk_cache = ops.add(dk_cache, ring(dk_slot))
+        dstate = NHAState(
+            hk=dhk0, hv=dhv0, k_cache=dk_cache, v_cache=ring(dv), g_cache=ring(dg),
+            s_cache=ring(ds) if pre.state_s_cache else None,
+            k_slot_cache=ring(dk_slot) if pre.state_k_slot_cache else None,
+            seen=ops.index(layout.seen), window_size=W,
+        )
+        dstate = NHAState(**{f: out(a) if f != "window_size" else a for f, a in dstate.__dict__.items()})
+        return NHAGrads(out(real(dq)), out(dk_real), out(real(dv)), out(real(dg)),
+                        out(real(ds)) if s is not None else None,
+                        out(real(dq_slot)) if q_slot is not None else None,
+                        out(real(dk_slot)) if k_slot is not None else None, dstate)
 
 
 def _zero_like_state(ops, p, state, dhk0, dhv0) -> NHAState:
@@ -556,10 +562,16 @@ def decode_step(q_t, k_t, v_t, g_t, state, *, s_t=None, q_slot_t=None, k_slot_t=
     p, _ = _describe("decode", arrays, window_size=state.window_size, scale=scale, initial_state=state,
                      cu_seqlens=None)
     b = registry.select(p, backend)
-    ops = interop.NativeOps(b.array_kind, p.device)
     kind = interop.array_kind(q_t, "q_t")
     if in_place and kind == "jax":
         raise ValueError("in_place: JAX arrays are immutable; call decode_step with in_place=False")
+    with interop.caller_stream(kind, b.array_kind, p.device):   # the caller's CUDA stream (CUDA graphs)
+        return _decode_native(p, b, kind, arrays, state, squeeze, in_place)
+
+
+def _decode_native(p, b, kind, arrays, state, squeeze, in_place):
+    """decode_step after validation: convert, run the backend, convert back."""
+    ops = interop.NativeOps(b.array_kind, p.device)
     x = {n: None if a is None else interop.to_native(a, b.array_kind, interop.array_kind(a, n))[:, 0]
          for n, a in arrays.items()}
     if x["s"] is None and not b.derives_s:

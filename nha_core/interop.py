@@ -27,6 +27,47 @@ def float32_to_bf16_bits(x):
     return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(BF16_BITS)
 
 
+def caller_stream(caller_kind: str, native_kind: str, device: str):
+    """Context for a backend's work on ``native_kind`` arrays made from the caller's
+    ``caller_kind`` arrays on ``device``: the caller's device and current CUDA stream become the
+    backend framework's own, so the work is ordered with the caller's (a torch side stream, a
+    CuPy stream) as SPEC section 3 asks. Without it CuPy would launch on its default stream
+    whatever torch stream the caller is on, and the reverse. (This does not make a CuPy backend
+    safe to capture in a torch CUDA graph: CuPy's memory pool knows nothing of torch's capture.)
+
+    torch caller, CuPy backend: ``cupy.cuda.ExternalStream`` of torch's current stream; CuPy
+    caller, torch backend (Triton): ``torch.cuda.ExternalStream`` of CuPy's current stream. Same
+    framework, other frameworks (they synchronise through DLPack's ``stream`` argument) and CPU
+    arrays: nothing to do.
+    """
+    import contextlib
+
+    scope = contextlib.ExitStack()
+    if not device.startswith("cuda") or caller_kind == native_kind:
+        return scope
+    index = int(device.partition(":")[2] or 0)
+    with contextlib.ExitStack() as entering:   # closes what was entered if a later step fails
+        if native_kind == "cupy":
+            import cupy
+
+            entering.enter_context(cupy.cuda.Device(index))
+            if caller_kind == "torch":
+                import torch
+
+                stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
+                entering.enter_context(stream)
+        elif native_kind == "torch" and caller_kind == "cupy":
+            import cupy
+            import torch
+
+            ptr = cupy.cuda.get_current_stream(index).ptr
+            entering.enter_context(torch.cuda.device(index))
+            stream = torch.cuda.default_stream(index) if ptr == 0 else torch.cuda.ExternalStream(ptr, device=index)
+            entering.enter_context(torch.cuda.stream(stream))
+        scope = entering.pop_all()
+    return scope
+
+
 def array_kind(x, name: str) -> str:
     """The array library of ``x``: numpy, torch, cupy, jax or other (any ``__dlpack__`` object)."""
     if isinstance(x, np.ndarray):

@@ -440,3 +440,49 @@ def test_torch_adapter_forward_backward(name, dtype):
     for key, grad in zip(("dq", "dk", "dv", "dg"), grads):
         err = rel(_torch_host(grad, dtype), g_r[key])
         assert err <= TOL[dtype], f"{key}: relative error {err:.2e}"
+
+
+def test_work_runs_on_the_callers_stream(monkeypatch):
+    """SPEC section 3 / issue 4: results on the caller's stream. A torch caller on a side stream
+    gets CuPy kernels on that stream (interop.caller_stream), a CuPy caller on its own stream
+    gets the Triton kernels on it; the outputs match a call on the default streams."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    import importlib
+
+    import nha_core
+
+    seen = []
+
+    def spy(real, backend, current_stream):
+        def forward(*args):
+            seen.append((backend, current_stream()))
+            return real(*args)
+        return forward
+
+    for backend, current_stream in (("cupy", lambda: cupy.cuda.get_current_stream().ptr),
+                                    ("triton", lambda: torch.cuda.current_stream().cuda_stream)):
+        module = importlib.import_module(f"nha_core.backends.{backend}.forward")
+        monkeypatch.setattr(module, "forward", spy(module.forward, backend, current_stream))
+    B, T, HQ, H, K, V, M, W = API_CASES[list(API_CASES)[0]]
+    dev, _ = _api_inputs((B, T, HQ, H, K, V, M, W), "bfloat16")
+    want = nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W, backend="cupy")
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    seen.clear()
+    with torch.cuda.stream(side):
+        o = nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W, backend="cupy")
+    side.synchronize()
+    assert seen == [("cupy", side.cuda_stream)]
+    assert torch.equal(o, want)
+
+    x = {n: cupy.from_dlpack(dev[n].float()) for n in ("q", "k", "v", "g")}
+    want_t = nha_core.attention(x["q"], x["k"], x["v"], x["g"], window_size=W, backend="triton")
+    stream = cupy.cuda.Stream(non_blocking=True)
+    seen.clear()
+    with stream:
+        o_t = nha_core.attention(x["q"], x["k"], x["v"], x["g"], window_size=W, backend="triton")
+    stream.synchronize()
+    assert seen == [("triton", stream.ptr)]
+    assert bool((o_t == want_t).all())

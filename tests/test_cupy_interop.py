@@ -207,3 +207,74 @@ def test_cupy_caller_init_state_bf16_needs_a_bf16_cupy(fake_cupy, monkeypatch):
     monkeypatch.setattr(interop, "device_of", lambda x, kind: "cuda:0")
     with pytest.raises(TypeError, match="bfloat16"):
         nha_core.init_state(1, 1, 4, 4, 2, window_size=3, dtype="bfloat16", like=like)
+
+
+class _Recorder:
+    """A context manager that logs its entry and exit under ``name`` into ``log``."""
+
+    def __init__(self, log, name):
+        self.log, self.name = log, name
+
+    def __enter__(self):
+        self.log.append(("enter", self.name))
+        return self
+
+    def __exit__(self, *exc):
+        self.log.append(("exit", self.name))
+
+
+def test_caller_stream_makes_the_callers_stream_current(monkeypatch):
+    """interop.caller_stream: a torch caller's current stream becomes CuPy's (and its device),
+    a CuPy caller's becomes torch's; same framework or CPU: nothing entered. Fake cupy and
+    torch.cuda here (no GPU); tests/test_cupy_gpu.py checks the streams the kernels really see."""
+    log = []
+    cuda = types.SimpleNamespace(
+        Device=lambda i: _Recorder(log, f"cupy.Device({i})"),
+        ExternalStream=lambda ptr, i: _Recorder(log, f"cupy.ExternalStream({ptr}, {i})"),
+        get_current_stream=lambda i: types.SimpleNamespace(ptr=77))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda i: types.SimpleNamespace(cuda_stream=1234 + i))
+    monkeypatch.setattr(torch.cuda, "device", lambda i: _Recorder(log, f"torch.device({i})"))
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda ptr, device: f"torch.ExternalStream({ptr}, {device})")
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: _Recorder(log, f"torch.stream({s})"))
+
+    with interop.caller_stream("torch", "cupy", "cuda:1"):
+        log.append("work")
+    assert log == [("enter", "cupy.Device(1)"), ("enter", "cupy.ExternalStream(1235, 1)"), "work",
+                   ("exit", "cupy.ExternalStream(1235, 1)"), ("exit", "cupy.Device(1)")]
+    log.clear()
+    with interop.caller_stream("cupy", "torch", "cuda:0"):
+        log.append("work")
+    assert log == [("enter", "torch.device(0)"), ("enter", "torch.stream(torch.ExternalStream(77, 0))"), "work",
+                   ("exit", "torch.stream(torch.ExternalStream(77, 0))"), ("exit", "torch.device(0)")]
+    log.clear()
+    for caller, native, device in (("torch", "torch", "cuda:0"), ("cupy", "cupy", "cuda:0"), ("torch", "cupy", "cpu"),
+                                   ("numpy", "numpy", "cpu")):
+        with interop.caller_stream(caller, native, device):
+            pass
+    assert log == []
+
+
+@pytest.mark.parametrize("entry", ["attention", "attention_backward", "decode_step"])
+def test_every_entry_point_runs_the_backend_on_the_callers_stream(fake_cupy, monkeypatch, entry):
+    """The API converts, runs the backend and converts back inside interop.caller_stream."""
+    log = []
+    monkeypatch.setattr(interop, "caller_stream", lambda caller, native, device: _Recorder(log, (caller, native)))
+    for name in ("forward", "backward", "decode"):
+        kernel = getattr(FakeCupy, name)
+        monkeypatch.setattr(FakeCupy, name, lambda self, *a, _k=kernel, _n=name: (log.append(_n), _k(self, *a))[1])
+    _, dev = _inputs("float16")
+    if entry == "attention":
+        nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W, backend=fake_cupy)
+    elif entry == "attention_backward":
+        o, lse, _ = nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W, return_lse=True,
+                                       backend=fake_cupy)
+        log.clear()
+        nha_core.attention_backward(torch.ones_like(o), dev["q"], dev["k"], dev["v"], dev["g"], o, lse,
+                                    window_size=W, backend=fake_cupy)
+    else:
+        state = nha_core.init_state(B, H, K, V, M, window_size=W, dtype="float16", like=dev["q"])
+        nha_core.decode_step(dev["q"][:, 0], dev["k"][:, 0], dev["v"][:, 0], dev["g"][:, 0], state,
+                             backend=fake_cupy)
+    kernel = {"attention": "forward", "attention_backward": "backward", "decode_step": "decode"}[entry]
+    assert log == [("enter", ("torch", "cupy")), kernel, ("exit", ("torch", "cupy"))]
