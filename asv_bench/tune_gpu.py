@@ -12,6 +12,8 @@ such as ``num_warps`` becomes a constant). For every variant, in this order:
 
     python3 asv_bench/tune_gpu.py --shape gpu-a --modes forward,backward \\
         --variant base: --variant w8:num_warps=8,num_stages=2 --out DIR
+    python3 asv_bench/tune_gpu.py --shape gpu-a --dtype float16 \\
+        --variant x3:FP16_SLOT_DOTS=tf32x3 --variant tf32:FP16_SLOT_DOTS=tf32   # another dtype
 
 Writes DIR/tune.json (one record per variant and mode) and prints a table. A variant that fails
 its check is timed anyway and marked, so a fast wrong variant cannot pass unnoticed.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import importlib
 import json
 import os
@@ -38,7 +41,7 @@ import nha_core.reference as ref  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 DEVICE = os.environ.get("NHA_TUNE_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRET=1 checks this script here
-TOL = {"bfloat16": 2e-2, "float32": 1e-3}
+TOL = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
 
 
 def parse_variant(text: str):
@@ -81,7 +84,7 @@ def rel(out, want) -> float:
     return float(np.linalg.norm(out - want) / max(np.linalg.norm(want), 1e-300))
 
 
-def small_checks(backend: str, seed: int = 0) -> dict:
+def small_checks(backend: str, seed: int = 0, dtypes=("bfloat16", "float32")) -> dict:
     """Worst relative errors vs the fp64 oracle on small problems (forward o and every gradient)."""
     worst = {}
     for case, (B, T, HQ, H, K, M, W) in {"gqa-M64": (2, 203, 4, 2, 64, 64, 70),
@@ -91,7 +94,7 @@ def small_checks(backend: str, seed: int = 0) -> dict:
              "v": r.standard_normal((B, T, H, K)),
              "g": -np.logaddexp(0, -r.standard_normal((B, T, H, M))) / 8}
         do = r.standard_normal((B, T, HQ, K))
-        for dt in ("bfloat16", "float32"):
+        for dt in dtypes:
             td = getattr(torch, dt)
             t = {n: torch.tensor(a, device=DEVICE).to(td) for n, a in x.items()}
             # the oracle sees the same rounded inputs
@@ -160,10 +163,13 @@ def main():
     ap.add_argument("--variant", action="append", default=[], help="name:attr=value,... (repeatable)")
     ap.add_argument("--no-check", action="store_true", help="skip the small fp64 checks")
     ap.add_argument("--check-all", action="store_true", help="fp64 checks for every variant, not the first only")
+    ap.add_argument("--dtype", default=None, help="time this dtype instead of the shape's (float16, float32)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     configs = importlib.import_module(f"nha_core.backends.{args.backend}.configs")
     shape = common.SHAPES[args.shape]
+    if args.dtype:
+        shape = dataclasses.replace(shape, dtype=args.dtype)
     variants = [parse_variant(v) for v in (args.variant or ["base:"])]
     print(f"# {torch.cuda.get_device_name()} {time.strftime('%Y-%m-%d %H:%M')} backend {args.backend} "
           f"shape {shape.name} ({shape.describe()}) torch {torch.__version__}", flush=True)
@@ -178,7 +184,8 @@ def main():
             with Overrides(configs, overrides):
                 t0 = time.perf_counter()
                 if not args.no_check and not shape.decode and (baseline is None or args.check_all):
-                    rec["check"] = small_checks(args.backend)
+                    rec["check"] = small_checks(args.backend, dtypes=tuple(dict.fromkeys(
+                        ("bfloat16", "float32", shape.dtype))))
                     rec["check_ok"] = all(v for k, v in rec["check"].items() if k.endswith("/ok"))
                 if not shape.decode:
                     o = nha_core.attention(x["q"], x["k"], x["v"], x["g"], window_size=shape.W, backend=args.backend)
