@@ -44,7 +44,8 @@ for step in "$@"; do
       tail -30 "$OUT/properties_gpu.log" ;;
     state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS)
       { timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-b --modes forward,backward --out "$OUT" \
-          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk
+          --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk \
+          --variant scan-local64:STATE_PASS=scan,state_local_slot_tile=64
         timeout 240 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
           --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk; } \
         > "$OUT/state_pass.log" 2>&1; grep -A4 "^variant" "$OUT/state_pass.log" ;;

@@ -526,8 +526,10 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             )
         else:
             a_c = torch.empty(R, H, M, **f32)
-            nha_bwd_state_local_kernel[(NB, H, triton.cdiv(M, BMS))](
-                qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **common, num_warps=4,
+            BML = configs.state_local_slot_tile(M)
+            nha_bwd_state_local_kernel[(NB, H, triton.cdiv(M, BML))](
+                qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
+                num_warps=4,
             )
             nha_state_scan_kernel[scan_grid(p)](
                 dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, K, V, M, BT,

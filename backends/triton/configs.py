@@ -210,6 +210,15 @@ def scan_num_warps() -> int:
     return 4
 
 
+def state_local_slot_tile(M: int) -> int:
+    """BM of the scan's local kernels (one program per chunk, head and slot tile). 32, as the
+    walk: the only tile timed so far (H200, gpu-b: 0.266 ms forward). Each program reads its
+    chunk's ks and v rows, so cdiv(M, BM) tiles read them that many times; pad(M) (one tile, read
+    once, [BK, 64] + [64, BV] fp32 accumulators) is the next thing to time
+    (`tune_gpu.py --shape gpu-b --variant all:state_local_slot_tile=64`)."""
+    return state_slot_tile(M)
+
+
 def state_num_warps(K: int, V: int) -> int:
     """Forward chunk-state kernel: 4 warps hold its [BK, BMS] + [BMS, BV] fp32 states and the
     [BT, BK] / [BT, BV] / [BT, BMS] chunk tiles without spilling (0.216 ms at gpu-a, H200)."""
