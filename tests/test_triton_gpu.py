@@ -95,6 +95,17 @@ def test_state_walk_gpu(case, dtype, monkeypatch):
     check_forward_backward(case, dtype)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_state_scan_many_chunks_gpu(dtype, monkeypatch):
+    """The scan over more chunks than one step takes (D = configs.scan_rows() = 16): 18 chunks of
+    64 in one sequence and 6 + 12 in a packed pair, with an initial state."""
+    from nha_core.backends.triton import configs
+    monkeypatch.setattr(configs, "STATE_PASS", "scan")
+    check_forward_backward(dict(B=1, T=1100, HQ=2, H=1, K=32, V=32, M=16, W=40, initial=True), dtype)
+    check_forward_backward(dict(B=1, T=1100, HQ=2, H=1, K=32, V=32, M=16, W=40, seqlens=(380, 720),
+                                explicit=True), dtype)
+
+
 def check_forward_backward(case, dtype):
     from nha_core.backends.triton.backward import backward
     from nha_core.backends.triton.forward import forward
