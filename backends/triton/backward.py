@@ -36,7 +36,7 @@ import triton.language as tl
 from . import configs
 from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
                       load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid,
-                      state_pass, window_ranges)
+                      state_pass, store_chunk_row, window_ranges)
 
 
 @triton.jit
@@ -253,18 +253,10 @@ def nha_bwd_state_local_kernel(
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
     o_m = i_m * BM + tl.arange(0, BM)
-    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
     b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
                                        HQ, H, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
-    i_row = (c0 + i_c) * H + i_h
-    tl.store(dh_k + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk.to(dh_k.dtype.element_ty),
-             mask=m_k[:, None] & m_m[None, :])
-    tl.store(dh_v + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv.to(dh_v.dtype.element_ty),
-             mask=m_m[:, None] & m_v[None, :])
-    tl.store(a_c + i_row * M + o_m, b_a, mask=m_m)
+    store_chunk_row(dh_k, dh_v, a_c, (c0 + i_c) * H + i_h, b_a, b_lk, b_lv, o_m, K, V, M, BK, BV)
 
 
 @triton.jit

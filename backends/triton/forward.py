@@ -270,16 +270,23 @@ def nha_fwd_state_local_kernel(
     bos = tl.load(cu + i_n).to(tl.int64)
     T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
     o_m = i_m * BM + tl.arange(0, BM)
-    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
     b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
                                        HAS_S, G_FLOOR, LOWP, DOT)
-    i_row = (c0 + i_c + 1) * H + i_h
-    tl.store(hk_c + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk.to(hk_c.dtype.element_ty),
+    store_chunk_row(hk_c, hv_c, a_c, (c0 + i_c + 1) * H + i_h, b_a, b_lk, b_lv, o_m, K, V, M, BK, BV)
+
+
+@triton.jit
+def store_chunk_row(buf_k, buf_v, a_c, i_row, b_a, b_lk, b_lv, o_m, K: tl.constexpr, V: tl.constexpr,
+                    M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """One chunk's own update (a [BM], Lk [BK, BM], Lv [BM, BV]) into row i_row of a_c [R*H,M],
+    buf_k [R*H,K,M], buf_v [R*H,M,V] (slots o_m), for nha_state_scan_kernel."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
+    tl.store(buf_k + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk.to(buf_k.dtype.element_ty),
              mask=m_k[:, None] & m_m[None, :])
-    tl.store(hv_c + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv.to(hv_c.dtype.element_ty),
+    tl.store(buf_v + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv.to(buf_v.dtype.element_ty),
              mask=m_m[:, None] & m_v[None, :])
     tl.store(a_c + i_row * M + o_m, b_a, mask=m_m)
 
