@@ -34,9 +34,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import (_op, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat, load_gates,
-                      load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2, scan_grid,
-                      state_pass, store_chunk_row, window_ranges)
+from .forward import (_op, block_span, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat,
+                      load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
+                      scan_grid, sequence_span, state_pass, store_chunk_row, window_ranges)
 
 
 @triton.jit
@@ -79,10 +79,7 @@ def nha_bwd_q_kernel(
     D [B*T,HQ] fp32."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // G
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     t0 = i_c * BT
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -207,8 +204,7 @@ def nha_bwd_state_kernel(
     dh_v [R,H,M,V] row chunk_off + c = gradient w.r.t. the state at the start of chunk c (the
     last row, after the last chunk, is 0); dhk0, dhv0 [N,H,..] fp32."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    bos, T_n = sequence_span(cu, i_n)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     NT = tl.cdiv(T_n, BT)
     o_k = tl.arange(0, BK)
@@ -248,10 +244,7 @@ def nha_bwd_state_local_kernel(
     """State-gradient scan, step 1 (configs.STATE_PASS "scan"): every chunk's own (a, Lk, Lv)
     into row chunk_off + i_c of a_c, dh_k, dh_v; nha_state_scan_kernel (REVERSE) chains them."""
     i_b, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
@@ -273,10 +266,7 @@ def nha_bwd_slot_kernel(
     dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype). CHAIN (s
     derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -383,10 +373,7 @@ def nha_bwd_kv_kernel(
     """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs;
     zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     s0 = i_c * BT
     o_s = s0 + tl.arange(0, BT)           # this program's keys
     m_s = o_s < T_n

@@ -90,6 +90,22 @@ def _op(x, LOWP: tl.constexpr):
 
 
 @triton.jit
+def sequence_span(cu, i_n):
+    """(bos, T_n): first row and length of packed sequence i_n (int64)."""
+    bos = tl.load(cu + i_n).to(tl.int64)
+    return bos, tl.load(cu + i_n + 1).to(tl.int64) - bos
+
+
+@triton.jit
+def block_span(block_map, cu, i_b):
+    """(i_n, i_c, bos, T_n) of block i_b: its sequence, its chunk in it, and the sequence's span."""
+    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
+    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
+    bos, T_n = sequence_span(cu, i_n)
+    return i_n, i_c, bos, T_n
+
+
+@triton.jit
 def derive_s(b_g):
     """s = 1 - exp(g) = -expm1(g) for clamped gates: a short series where |g| < 0.1 keeps the
     digits that 1 - exp(g) cancels away (relative error < 2e-9 there); g = G_FLOOR gives 1."""
@@ -220,8 +236,7 @@ def nha_fwd_state_kernel(
     after chunk: Hk_c [R,H,K,M], Hv_c [R,H,M,V] at every chunk start and after the last chunk
     (row chunk_off + NT); hk_t, hv_t [N,H,..] after the last chunk (fp32)."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    bos, T_n = sequence_span(cu, i_n)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -265,10 +280,7 @@ def nha_fwd_state_local_kernel(
     into row chunk_off + i_c + 1 of a_c [R,H,M], Hk_c, Hv_c; nha_state_scan_kernel then turns
     the rows into states in place."""
     i_b, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
@@ -348,8 +360,7 @@ def nha_state_scan_kernel(
     (scan_rows). Forward: states at chunk starts from h0; REVERSE (backward): state gradients
     from 0 after the last chunk."""
     i_n, i_h, i_e = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    bos, T_n = sequence_span(cu, i_n)
     r0 = tl.load(chunk_off + i_n).to(tl.int64)
     NT = tl.cdiv(T_n, BT)
     NBK: tl.constexpr = (K * M + BE - 1) // BE
@@ -462,10 +473,7 @@ def nha_fwd_kernel(
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // G
-    i_n = tl.load(block_map + i_b * 2).to(tl.int64)
-    i_c = tl.load(block_map + i_b * 2 + 1).to(tl.int64)
-    bos = tl.load(cu + i_n).to(tl.int64)
-    T_n = tl.load(cu + i_n + 1).to(tl.int64) - bos
+    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     t0 = i_c * BT
     o_t = t0 + tl.arange(0, BT)
     m_t = o_t < T_n
