@@ -4,6 +4,8 @@
 #   bash asv_bench/gpu_session.sh properties  # Hypothesis properties against triton and cupy on the GPU
 #   bash asv_bench/gpu_session.sh repro-bf16  # the bf16 slot-dot fault, with and without the candidate fix
 #   bash asv_bench/gpu_session.sh state-pass  # chunk-state scan vs walk, gpu-b and gpu-a
+#   bash asv_bench/gpu_session.sh bwd-dots  # bf16 operands in the backward's slot dots, checked and timed at gpu-a
+#   NHA_VARIANT="NAME=VALUE;..." bash asv_bench/gpu_session.sh variant-tests  # Triton GPU tests under those configs
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -33,6 +35,15 @@ for step in "$@"; do
       timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
         --check-all --variant default: --variant bf16-bm64:BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64 \
         > "$OUT/bf16_dots.log" 2>&1; grep -A3 "^variant" "$OUT/bf16_dots.log" ;;
+    bwd-dots)   # which of the backward's slot kernels may take bf16 operands (configs.BWD_BF16_DOTS)
+      timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward \
+        --out "$OUT" --check-all --variant default: \
+        --variant q:BWD_BF16_DOTS='("state","q")' --variant slot:BWD_BF16_DOTS='("state","slot")' \
+        --variant all:BWD_BF16_DOTS='("state","q","slot")' > "$OUT/bwd_dots.log" 2>&1; grep -A5 "^variant" "$OUT/bwd_dots.log" ;;
+    variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation) under NHA_VARIANT
+      NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
+        python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward}" \
+        > "$OUT/variant_tests.log" 2>&1; head -5 "$OUT/variant_tests.log"; tail -15 "$OUT/variant_tests.log" ;;
     tests-quick)
       timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
       NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \

@@ -44,11 +44,29 @@ DEVICE = os.environ.get("NHA_TUNE_DEVICE", "cuda")  # "cpu" with TRITON_INTERPRE
 TOL = {"bfloat16": 2e-2, "float16": 2e-2, "float32": 1e-3}
 
 
+def _top_level_items(body: str):
+    """``a=1,b=("x","y")`` -> ["a=1", 'b=("x","y")']: commas inside brackets or quotes stay."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(body):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    return items + [body[start:]]
+
+
 def parse_variant(text: str):
-    """``name:attr=value,attr=value`` -> (name, {attr: value})."""
+    """``name:attr=value,attr=value`` -> (name, {attr: value}); a value may be a tuple."""
     name, _, body = text.partition(":")
     overrides = {}
-    for item in filter(None, body.split(",")):
+    for item in filter(None, _top_level_items(body)):
         key, _, value = item.partition("=")
         try:
             overrides[key.strip()] = ast.literal_eval(value.strip())

@@ -3,7 +3,12 @@
 Profiles (choose with HYPOTHESIS_PROFILE): ``ci`` (default: derandomized, no deadline, no
 example database, so CI is reproducible), ``dev`` (random, few examples), ``nightly``
 (many examples).
+
+``NHA_TEST_TRITON_CONFIG="NAME=VALUE;NAME=VALUE"`` runs the tests with those settings of
+backends/triton/configs.py (values are Python literals), so a candidate setting is judged by the
+same tests as the defaults before it becomes one (asv_bench/gpu_session.sh, step variant-tests).
 """
+import ast
 import os
 
 import numpy as np
@@ -18,6 +23,28 @@ settings.register_profile("dev", deadline=None, max_examples=10)
 settings.register_profile("nightly", deadline=None, max_examples=1000,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    text = os.environ.get("NHA_TEST_TRITON_CONFIG", "").strip()
+    if not text:
+        return
+    from nha_core.backends.triton import configs
+
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, _, value = item.partition("=")
+        if not hasattr(configs, name.strip()):
+            raise pytest.UsageError(f"NHA_TEST_TRITON_CONFIG: backends/triton/configs.py has no {name.strip()!r}")
+        setattr(configs, name.strip(), ast.literal_eval(value.strip()))
+    config.stash[_OVERRIDES] = text
+
+
+_OVERRIDES = pytest.StashKey[str]()
+
+
+def pytest_report_header(config):
+    text = config.stash.get(_OVERRIDES, None)
+    return [f"triton configs overridden: {text}"] if text else []
 
 
 def _poisoned(make):
