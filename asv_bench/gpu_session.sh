@@ -69,7 +69,8 @@ for step in "$@"; do
         timeout 60 python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT"; } \
         > "$OUT/profile_cupy.log" 2>&1; grep -A3 "^variant" "$OUT/profile_cupy.log" ;;
     compare)
-      timeout 540 python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
+      # NHA_COMMIT: the commit the tree was copied from (compare.py records it; a copied .git may be older)
+      NHA_GPU_RECORDS="$OUT/compare_records.jsonl" timeout ${NHA_STEP_TIMEOUT_S:-540} python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
         > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;
     asv)
       # asv GPU suite, bench_gpu.Summary by default (NHA_ASV_BENCH overrides the regex). asv needs the
