@@ -38,8 +38,9 @@ for step in "$@"; do
     bwd-dots)   # which of the backward's slot kernels may take bf16 operands (configs.BWD_BF16_DOTS)
       timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward \
         --out "$OUT" --check-all --variant default: \
-        --variant q:BWD_BF16_DOTS='("state","q")' --variant slot:BWD_BF16_DOTS='("state","slot")' \
-        --variant all:BWD_BF16_DOTS='("state","q","slot")' > "$OUT/bwd_dots.log" 2>&1; grep -A5 "^variant" "$OUT/bwd_dots.log" ;;
+        --variant q:BWD_BF16_DOTS='("state","q")' \
+        --variant slot_kv:BWD_BF16_DOTS='("state","slot_kv")' --variant all:BWD_BF16_DOTS='("state","q","slot")' \
+        > "$OUT/bwd_dots.log" 2>&1; grep -A6 "^variant" "$OUT/bwd_dots.log" ;;
     variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation) under NHA_VARIANT
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
         python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward}" \

@@ -260,11 +260,13 @@ def nha_bwd_slot_kernel(
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
-    DOT: tl.constexpr,
+    LOWP_KV: tl.constexpr, DOT: tl.constexpr,
 ):
     """Slot-branch gradients of the chunk's shifted tokens, stored at their tokens p - W:
     dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype). CHAIN (s
-    derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored."""
+    derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored.
+    Operand modes: LOWP for the dots behind ds and dg (X1 - S dS cancels), LOWP_KV for those
+    that only build dks, dvs."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
@@ -288,9 +290,9 @@ def nha_bwd_slot_kernel(
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
     b_dec = tl.exp2(b_glast[None, :] - b_gc)                                                     # [BT, BM]
-    b_wend = _op(b_sx * b_dec, LOWP)
-    b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP)), input_precision=DOT)                    # [BT, BK]
-    b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP), input_precision=DOT)                              # [BT, BV]
+    b_wend = _op(b_sx * b_dec, LOWP_KV)
+    b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP_KV)), input_precision=DOT)                 # [BT, BK]
+    b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP_KV), input_precision=DOT)                           # [BT, BV]
     b_ds = (tl.dot(_op(b_ks, LOWP), _op(b_dhk, LOWP), input_precision=DOT)
             + tl.dot(_op(b_vs, LOWP), tl.trans(_op(b_dhv, LOWP)), input_precision=DOT)) * b_dec         # [BT, BM]
     b_x1 = tl.zeros([BT, BM], dtype=tl.float32)
@@ -310,10 +312,13 @@ def nha_bwd_slot_kernel(
         b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT) * scale
         b_a = tl.dot(b_do, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)
         b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE2, LOWP, DOT)
-        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP, DOT)                             # [BT(t), BT(j)]
-        b_dks += tl.dot(tl.trans(_op(b_w, LOWP)), b_qs, input_precision=DOT) * scale
-        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP, DOT)
-        b_dvs += tl.dot(tl.trans(_op(b_w, LOWP)), b_do, input_precision=DOT)
+        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT)                          # [BT(t), BT(j)]
+        if LOWP_KV != LOWP:
+            b_qs = _op(b_qs, LOWP_KV)
+            b_do = _op(b_do, LOWP_KV)
+        b_dks += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_qs, input_precision=DOT) * scale
+        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT)
+        b_dvs += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_do, input_precision=DOT)
 
     # gate: dGt[p] = sum_{p' >= p} (X1 - S dS)[p'], the part beyond this chunk is <dH_end, H_next>
     b_dg = tl.cumsum(b_x1 - b_sx * b_ds, 0, reverse=True) + b_carry[None, :]
@@ -443,6 +448,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     low = lowp(p)
     DOTS = configs.BWD_BF16_DOTS if low else ()
     LOWP_Q, LOWP_ST, LOWP_SL = (operand_mode(p, name in DOTS) for name in ("q", "state", "slot"))
+    LOWP_KV = operand_mode(p, "slot" in DOTS or "slot_kv" in DOTS)
     DOT = dot_precision(p)
     SAFE2 = safe2()
     warps = configs.bwd_num_warps(K, V, M)
@@ -519,7 +525,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,
             p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
-            LOWP_SL, DOT,
+            LOWP_SL, LOWP_KV, DOT,
             num_warps=warps,
         )
     if NB > 0 and T > 0:

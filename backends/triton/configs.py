@@ -43,7 +43,8 @@ SAFE_LIMIT = 40.0
 #   in bwd_state no change; bf16 Ps/dLs 3.8e-3 / - / 1.13e-2 (better: X1 is built from the rounded
 #   values); bf16 dH no change; bf16 X1 8.3e-3 / 9.5e-3 / -; bf16 chunk states - / - / 1.58e-2.
 # Kernels whose slot dots take bf16 operands ("q": nha_bwd_q, "state": nha_bwd_state, "slot":
-# nha_bwd_slot); the others take fp32 operands on TF32 tensor cores (half the bf16 rate, twice
+# nha_bwd_slot, "slot_kv": only those of nha_bwd_slot's dots that build dks and dvs, none of which
+# reaches dg); the others take fp32 operands on TF32 tensor cores (half the bf16 rate, twice
 # the registers). bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134
 # registers per thread (asv_bench/triton_resources.py).
 BWD_BF16_DOTS = ("state",)
