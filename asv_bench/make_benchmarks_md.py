@@ -150,6 +150,7 @@ def compare_section(path):
              f"source: `{_rel(path)}` · date {res['date']} · commit {_commit_text(res.get('commit'))} · "
              + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items()
                          if k in ("torch", "triton", "cupy", "fla")), ""]
+    lines += [f"* edited after the run: {e}" for e in res.get("edits", [])] + ([""] if res.get("edits") else [])
     recs = res["records"]
     for shape in res["shapes"]:
         rows = [r for r in recs if r["shape"] == shape and r["mode"] != "accuracy"]
@@ -177,7 +178,7 @@ def compare_section(path):
         lines.append("")
     if res.get("mode") == "gpu":
         rows = res.get("targets") or spec_targets.evaluate(res)  # older files: checked here
-        lines += targets_lines(rows, recorded="targets" in res)
+        lines += targets_lines(rows, recorded="targets" in res, edited=bool(res.get("edits")))
     for r in recs:
         if r["impl"] == "composition" and r["mode"] == "accuracy":
             lines += [f"composition self-check ({r['status']}): output rel. error vs float32 token loop "
@@ -185,12 +186,15 @@ def compare_section(path):
     return lines
 
 
-def targets_lines(rows, recorded=True):
+def targets_lines(rows, recorded=True, edited=False):
     """SPEC section 6 targets of one run: value, limit, met / not met / not measured."""
     met = [t for t in rows if t["met"]]
     missed = [t for t in rows if t["met"] is False]
     unknown = [t for t in rows if t["met"] is None]
-    lines = [f"**SPEC section 6 targets** ({'recorded by compare.py' if recorded else 'checked from the records above'}): "
+    source = "recorded by compare.py" if recorded else "checked from the records above"
+    if edited:
+        source = "re-evaluated by benchmarks/targets.py after the edits above"
+    lines = [f"**SPEC section 6 targets** ({source}): "
              f"{len(met)} met, {len(missed)} not met, {len(unknown)} not measured", "",
              "| target | shape | NHA | value | limit | met |", "|---|---|---|---|---|---|"]
     for t in rows:
