@@ -32,13 +32,15 @@ def caller_stream(caller_kind: str, native_kind: str, device: str):
     ``caller_kind`` arrays on ``device``: the caller's device and current CUDA stream become the
     backend framework's own, so the work is ordered with the caller's (a torch side stream, a
     CuPy stream) as SPEC section 3 asks. Without it CuPy would launch on its default stream
-    whatever torch stream the caller is on, and the reverse. (This does not make a CuPy backend
-    safe to capture in a torch CUDA graph: CuPy's memory pool knows nothing of torch's capture.)
+    whatever torch stream the caller is on, and the reverse.
 
-    torch caller, CuPy backend: ``cupy.cuda.ExternalStream`` of torch's current stream; CuPy
-    caller, torch backend (Triton): ``torch.cuda.ExternalStream`` of CuPy's current stream. Same
-    framework, other frameworks (they synchronise through DLPack's ``stream`` argument) and CPU
-    arrays: nothing to do.
+    torch caller, CuPy backend: ``cupy.cuda.ExternalStream`` of torch's current stream, and CuPy
+    allocates from torch's caching allocator (torch_allocator): the memory shows in torch's
+    counters, a CUDA graph capture gets it from the graph's own pool (CuPy's pool would call
+    cudaMalloc inside the capture, which ends it), and an output handed to torch keeps its block.
+    CuPy caller, torch backend (Triton): ``torch.cuda.ExternalStream`` of CuPy's current stream.
+    Same framework, other frameworks (they synchronise through DLPack's ``stream`` argument) and
+    CPU arrays: nothing to do.
     """
     import contextlib
 
@@ -56,6 +58,7 @@ def caller_stream(caller_kind: str, native_kind: str, device: str):
 
                 stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
                 entering.enter_context(stream)
+                entering.enter_context(cupy.cuda.using_allocator(torch_allocator(index)))
         elif native_kind == "torch" and caller_kind == "cupy":
             import cupy
             import torch
@@ -66,6 +69,22 @@ def caller_stream(caller_kind: str, native_kind: str, device: str):
             entering.enter_context(torch.cuda.stream(stream))
         scope = entering.pop_all()
     return scope
+
+
+def torch_allocator(index: int):
+    """A CuPy allocator (``cupy.cuda.using_allocator``) that takes each block from torch's caching
+    allocator on device ``index`` and the current torch stream; the CuPy memory owns the torch
+    tensor, so the block returns to torch when the last CuPy array (or the torch tensor made from
+    it through DLPack) on it is gone."""
+    import cupy
+    import torch
+
+    def allocate(nbytes: int):
+        block = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=f"cuda:{index}")
+        memory = cupy.cuda.UnownedMemory(block.data_ptr(), block.numel(), block, index)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    return allocate
 
 
 def array_kind(x, name: str) -> str:

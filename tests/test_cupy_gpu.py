@@ -486,3 +486,41 @@ def test_work_runs_on_the_callers_stream(monkeypatch):
     stream.synchronize()
     assert seen == [("triton", stream.ptr)]
     assert bool((o_t == want_t).all())
+
+
+def test_decode_captured_in_a_torch_cuda_graph():
+    """A torch caller can capture the CuPy decode step in a CUDA graph (CuPy allocates from
+    torch's allocator inside the call: interop.torch_allocator) and replay it: each replay
+    matches an eager in-place step on a copy of the same state."""
+    torch = pytest.importorskip("torch")
+    import nha_core
+
+    B, T, HQ, H, K, V, M, W = API_CASES[list(API_CASES)[0]]
+    dev, _ = _api_inputs((B, T, HQ, H, K, V, M, W), "bfloat16")
+    _, _, state = nha_core.attention(dev["q"], dev["k"], dev["v"], dev["g"], window_size=W,
+                                     output_final_state=True, backend="cupy")
+    twin = nha_core.NHAState(**{n: (a.clone() if isinstance(a, torch.Tensor) else a)
+                                for n, a in state.__dict__.items()})
+    rng = np.random.default_rng(7)
+    step = {n: _torch_rounded(shape, "bfloat16", rng)[0]
+            for n, shape in (("q", (B, HQ, K)), ("k", (B, H, K)), ("v", (B, H, V)))}
+    step["g"] = _torch_rounded(-rng.uniform(0.02, 1.5, (B, H, M)), "bfloat16")[0]
+
+    def run(st):
+        return nha_core.decode_step(step["q"], step["k"], step["v"], step["g"], st, backend="cupy", in_place=True)[0]
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run(state)                  # compiles and warms CuPy's module cache outside the capture
+        run(twin)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = run(state)
+    for _ in range(3):
+        graph.replay()
+        o_eager = run(twin)
+        torch.cuda.synchronize()
+        assert torch.equal(o_graph, o_eager)
+        assert torch.equal(state.hk, twin.hk) and torch.equal(state.seen, twin.seen)

@@ -231,7 +231,8 @@ def test_caller_stream_makes_the_callers_stream_current(monkeypatch):
     cuda = types.SimpleNamespace(
         Device=lambda i: _Recorder(log, f"cupy.Device({i})"),
         ExternalStream=lambda ptr, i: _Recorder(log, f"cupy.ExternalStream({ptr}, {i})"),
-        get_current_stream=lambda i: types.SimpleNamespace(ptr=77))
+        get_current_stream=lambda i: types.SimpleNamespace(ptr=77),
+        using_allocator=lambda allocate: _Recorder(log, f"cupy.using_allocator({allocate.__qualname__})"))
     monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda i: types.SimpleNamespace(cuda_stream=1234 + i))
     monkeypatch.setattr(torch.cuda, "device", lambda i: _Recorder(log, f"torch.device({i})"))
@@ -240,8 +241,9 @@ def test_caller_stream_makes_the_callers_stream_current(monkeypatch):
 
     with interop.caller_stream("torch", "cupy", "cuda:1"):
         log.append("work")
-    assert log == [("enter", "cupy.Device(1)"), ("enter", "cupy.ExternalStream(1235, 1)"), "work",
-                   ("exit", "cupy.ExternalStream(1235, 1)"), ("exit", "cupy.Device(1)")]
+    alloc = "cupy.using_allocator(torch_allocator.<locals>.allocate)"
+    assert log == [("enter", "cupy.Device(1)"), ("enter", "cupy.ExternalStream(1235, 1)"), ("enter", alloc), "work",
+                   ("exit", alloc), ("exit", "cupy.ExternalStream(1235, 1)"), ("exit", "cupy.Device(1)")]
     log.clear()
     with interop.caller_stream("cupy", "torch", "cuda:0"):
         log.append("work")
@@ -253,6 +255,30 @@ def test_caller_stream_makes_the_callers_stream_current(monkeypatch):
         with interop.caller_stream(caller, native, device):
             pass
     assert log == []
+
+
+def test_torch_allocator_lends_torch_blocks_to_cupy(monkeypatch):
+    """interop.torch_allocator: each CuPy allocation is a torch uint8 block on the device, owned
+    by the CuPy memory object (so it lives as long as the CuPy array or a DLPack view of it).
+    Fake cupy and torch.empty here; tests/test_cupy_gpu.py captures a CuPy decode in a CUDA graph."""
+    made = []
+
+    def empty(n, dtype, device):
+        made.append((n, dtype, device))
+        return torch.zeros(n, dtype=dtype)
+
+    cuda = types.SimpleNamespace(
+        UnownedMemory=lambda ptr, size, owner, device: types.SimpleNamespace(ptr=ptr, size=size, owner=owner,
+                                                                             device=device),
+        MemoryPointer=lambda memory, offset: types.SimpleNamespace(mem=memory, offset=offset))
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(torch, "empty", empty)
+    allocate = interop.torch_allocator(2)
+    pointer = allocate(4096)
+    assert made == [(4096, torch.uint8, "cuda:2")]
+    assert pointer.offset == 0 and pointer.mem.size == 4096 and pointer.mem.device == 2
+    assert pointer.mem.ptr == pointer.mem.owner.data_ptr() and pointer.mem.owner.numel() == 4096
+    assert allocate(0).mem.size == 1   # a zero-byte request still gets a real (1-byte) block
 
 
 @pytest.mark.parametrize("entry", ["attention", "attention_backward", "decode_step"])
