@@ -6,6 +6,8 @@
 #   bash asv_bench/gpu_session.sh state-pass  # chunk-state scan vs walk, gpu-b and gpu-a
 #   bash asv_bench/gpu_session.sh bwd-dots  # bf16 operands in the backward's slot dots, checked and timed at gpu-a
 #   NHA_VARIANT="NAME=VALUE;..." bash asv_bench/gpu_session.sh variant-tests  # Triton GPU tests under those configs
+#   NHA_TEST_BACKENDS=cupy NHA_TEST_EXAMPLES=6 bash asv_bench/gpu_session.sh properties  # one backend per call:
+#     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -38,8 +40,8 @@ for step in "$@"; do
     bwd-dots)   # which of the backward's slot kernels may take bf16 operands (configs.BWD_BF16_DOTS)
       timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward \
         --out "$OUT" --check-all --variant default: \
-        --variant q:BWD_BF16_DOTS='("state","q")' \
-        --variant slot_kv:BWD_BF16_DOTS='("state","slot_kv")' --variant all:BWD_BF16_DOTS='("state","q","slot")' \
+        --variant slot:BWD_BF16_DOTS='("state","slot")' --variant probs-slot:BWD_BF16_DOTS='("state","q_probs","slot")' \
+        --variant all:BWD_BF16_DOTS='("state","q","slot")' \
         > "$OUT/bwd_dots.log" 2>&1; grep -A6 "^variant" "$OUT/bwd_dots.log" ;;
     variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation) under NHA_VARIANT
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \

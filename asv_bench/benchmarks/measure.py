@@ -141,6 +141,9 @@ def check_composition(seed=0) -> dict:
     return rec
 
 
+ACCURACY_GRACE_S = 30.0
+
+
 def run_all(shape_names, *, deadline: float, quick=False, log=print, nha_backends=common.GPU_BACKENDS,
             peers_=calls.GPU_PEERS, modes=("forward", "forward_backward")) -> list[dict]:
     """Every (shape, impl, mode) that fits before ``deadline`` (a time.perf_counter() value).
@@ -179,9 +182,14 @@ def run_all(shape_names, *, deadline: float, quick=False, log=print, nha_backend
                 continue
             add(measure_one(shape, impl, mode, quick=quick))
         if not shape.decode:
+            # the agreement check is a SPEC target and costs seconds once the peers are compiled:
+            # it may run up to ACCURACY_GRACE_S past the deadline (2026-12-02: a run whose fla
+            # autotuning used up the budget timed every gpu-a call but checked nothing)
             for b in nha_backends:
-                if over():
-                    break
+                if time.perf_counter() > deadline + ACCURACY_GRACE_S:
+                    add({"shape": name, "impl": f"nha_{b}", "mode": "accuracy", "status": "skipped",
+                         "reason": "time budget"})
+                    continue
                 add(relative_error(shape, b))
     return records
 

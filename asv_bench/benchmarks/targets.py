@@ -11,6 +11,8 @@ Each target is a ratio within one run (so it holds across machines):
 * decode: GB/s on the bytes a step must touch >= 60% of the measured copy bandwidth;
   NHA / sdpa_kvcache <= 0.2 (>= 5x faster than a full-KV-cache decode)
 * nha_cupy / nha_triton <= 1.25 (forward, forward+backward, decode)
+* agreement with the composition (output relative error, bf16) <= 2e-2 (SPEC section 5) at
+  every GPU shape but decode
 * gpu-b forward+backward peak memory <= 1.3x the bytes of inputs + outputs + gradients:
   (bytes resident before the call + peak extra during it) / io_bytes, where resident = q, k, v, g
   and the output gradient do, and io_bytes = q, k, v, g + o + do + dq, dk, dv, dg.
@@ -29,6 +31,7 @@ RATIO_TARGETS = (
     ("decode step >= 5x faster than full-KV-cache SDPA decode", "decode", "decode", "sdpa_kvcache", "<=", 0.2),
 )
 CUPY_LIMIT = 1.25
+AGREEMENT_LIMIT = 2e-2
 DECODE_BANDWIDTH_FRACTION = 0.6
 MEMORY_SHAPE, MEMORY_LIMIT = "gpu-b", 1.3
 GPU_TARGET_SHAPES = ("gpu-a", "gpu-a64", "gpu-b", "gpu-c", "decode")
@@ -116,6 +119,12 @@ def evaluate(result: dict, backends=("triton", "cupy")) -> list[dict]:
                 rows.append(_row("decode step >= 60% of measured copy bandwidth", shape, impl, ">=",
                                  DECODE_BANDWIDTH_FRACTION, value, reason,
                                  f"{r['gbs']:.0f} GB/s" if r and r.get("gbs") else None))
+            if shape != "decode":
+                r = rec(shape, impl, "accuracy")
+                ok = r is not None and r.get("status") == "ok" and r.get("rel_err_vs_composition") is not None
+                rows.append(_row("output agrees with the composition (bf16 relative error)", shape, impl, "<=",
+                                 AGREEMENT_LIMIT, r["rel_err_vs_composition"] if ok else None,
+                                 None if ok else why(shape, "accuracy", impl)))
             if shape == MEMORY_SHAPE:
                 r = rec(shape, impl, "forward_backward")
                 d = result.get("shape_defs", {}).get(shape)
@@ -125,6 +134,8 @@ def evaluate(result: dict, backends=("triton", "cupy")) -> list[dict]:
                     resident, io = fwd_bwd_io_bytes(d)
                     detail = (f"peak extra {r['peak_mib']:.0f} MiB + resident {resident / MIB:.0f} MiB "
                               f"vs inputs+outputs+gradients {io / MIB:.0f} MiB")
+                elif r and r.get("status") == "ok":
+                    reason = r.get("peak_note", "peak memory not measured")
                 else:
                     reason = why(shape, "forward_backward", impl) if d else "shape definition missing"
                 rows.append(_row("forward+backward peak memory <= 1.3x inputs+outputs+gradients", shape, impl,

@@ -73,10 +73,10 @@ def nha_bwd_q_kernel(
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, HAS_QSLOT: tl.constexpr, IS_VARLEN: tl.constexpr,
-    G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+    G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, LOWP_DQ: tl.constexpr, DOT: tl.constexpr,
 ):
     """dq [B*T,HQ,K] (and dq_slot); Ps, dLs [B*T,HQ,M] (bf16 or fp32), X1 [B*T,HQ,M] fp32;
-    D [B*T,HQ] fp32."""
+    D [B*T,HQ] fp32. Slot dots: LOWP for the logits and readout gradients, LOWP_DQ for dq's."""
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // G
     i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
@@ -132,8 +132,8 @@ def nha_bwd_q_kernel(
         tl.store(dls_buf + o_tm, b_dls.to(dls_buf.dtype.element_ty), mask=m_tm)
         tl.store(x1_buf + o_tm, (b_dls * (b_ls * 0.6931471805599453) + b_ps * b_dov).to(x1_buf.dtype.element_ty),
                  mask=m_tm)
-        b_dqs = tl.dot(_op(b_dls * b_eg, LOWP), tl.trans(_op(b_hk, LOWP)), input_precision=DOT)
-        b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_ks, LOWP),
+        b_dqs = tl.dot(_op(b_dls * b_eg, LOWP_DQ), tl.trans(_op(b_hk, LOWP_DQ)), input_precision=DOT)
+        b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_DQ, DOT), LOWP_DQ), _op(b_ks, LOWP_DQ),
                         input_precision=DOT)
         if HAS_QSLOT:
             tl.store(dq_slot + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
@@ -448,6 +448,8 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     low = lowp(p)
     DOTS = configs.BWD_BF16_DOTS if low else ()
     LOWP_Q, LOWP_ST, LOWP_SL = (operand_mode(p, name in DOTS) for name in ("q", "state", "slot"))
+    LOWP_DQ = LOWP_Q
+    LOWP_Q = operand_mode(p, "q" in DOTS or "q_probs" in DOTS)
     LOWP_KV = operand_mode(p, "slot" in DOTS or "slot_kv" in DOTS)
     DOT = dot_precision(p)
     SAFE2 = safe2()
@@ -494,7 +496,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             dq, dq_slot if dq_slot is not None else dq, ps_buf, dls_buf, x1_buf, d_buf,
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BT, BK, BV, BM,
             has_slots, sf is not None, q_slot is not None, cu_seqlens is not None,
-            configs.G_FLOOR, SAFE2, LOWP_Q, DOT,
+            configs.G_FLOOR, SAFE2, LOWP_Q, LOWP_DQ, DOT,
             num_warps=warps, num_stages=stages,
         )
     if has_slots:

@@ -42,10 +42,13 @@ SAFE_LIMIT = 40.0
 #   bf16 operands in bwd_q 3.2e-2, in bwd_slot 2.8e-2 (over the limit: both sides of X1 - S dS),
 #   in bwd_state no change; bf16 Ps/dLs 3.8e-3 / - / 1.13e-2 (better: X1 is built from the rounded
 #   values); bf16 dH no change; bf16 X1 8.3e-3 / 9.5e-3 / -; bf16 chunk states - / - / 1.58e-2.
-# Kernels whose slot dots take bf16 operands ("q": nha_bwd_q, "state": nha_bwd_state, "slot":
-# nha_bwd_slot, "slot_kv": only those of nha_bwd_slot's dots that build dks and dvs, none of which
-# reaches dg); the others take fp32 operands on TF32 tensor cores (half the bf16 rate, twice
-# the registers). bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134
+# Kernels whose slot dots take bf16 operands ("q": nha_bwd_q, "q_probs": nha_bwd_q's except the two
+# that build dq, "state": nha_bwd_state, "slot": nha_bwd_slot, "slot_kv": only those of
+# nha_bwd_slot's dots that build dks and dvs, none of which reaches dg); the others take fp32
+# operands on TF32 tensor cores (half the bf16 rate, twice the registers). On an H200 at gpu-a
+# (2026-12-02, asv_bench/triton_tuning_notes.md): "q" + "slot" took the backward from 5.11 to
+# 4.04 ms but put dq at 2.4x the naive bf16 error on a pure-slot case (SPEC allows 2x);
+# "slot_kv" saved 1.5% of its kernel; "q_probs" is not yet measured. bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134
 # registers per thread (asv_bench/triton_resources.py).
 BWD_BF16_DOTS = ("state",)
 # Chunk states Hk_c, Hv_c recomputed in bf16 (half the bytes: 2 x 134 MB fp32 at gpu-a, read by
