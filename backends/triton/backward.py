@@ -447,10 +447,11 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     # there is an accuracy decision (see configs).
     low = lowp(p)
     DOTS = configs.BWD_BF16_DOTS if low else ()
-    LOWP_Q, LOWP_ST, LOWP_SL = (operand_mode(p, name in DOTS) for name in ("q", "state", "slot"))
-    LOWP_DQ = LOWP_Q
-    LOWP_Q = operand_mode(p, "q" in DOTS or "q_probs" in DOTS)
-    LOWP_KV = operand_mode(p, "slot" in DOTS or "slot_kv" in DOTS)
+    def mode(*names):   # the operand mode of dots that take bf16 when any of ``names`` is chosen
+        return operand_mode(p, any(name in DOTS for name in names))
+
+    LOWP_Q, LOWP_DQ = mode("q", "q_probs"), mode("q")
+    LOWP_ST, LOWP_SL, LOWP_KV = mode("state"), mode("slot"), mode("slot", "slot_kv")
     DOT = dot_precision(p)
     SAFE2 = safe2()
     warps = configs.bwd_num_warps(K, V, M)

@@ -48,8 +48,8 @@ SAFE_LIMIT = 40.0
 # operands on TF32 tensor cores (half the bf16 rate, twice the registers). On an H200 at gpu-a
 # (2026-12-02, asv_bench/triton_tuning_notes.md): "q" + "slot" took the backward from 5.11 to
 # 4.04 ms but put dq at 2.4x the naive bf16 error on a pure-slot case (SPEC allows 2x);
-# "slot_kv" saved 1.5% of its kernel; "q_probs" is not yet measured. bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134
-# registers per thread (asv_bench/triton_resources.py).
+# "slot_kv" saved 1.5% of its kernel; "q_probs" is not yet measured. bwd_state's dots only build
+# dH, which is stored in bf16 anyway: 252 -> 134 registers per thread (asv_bench/triton_resources.py).
 BWD_BF16_DOTS = ("state",)
 # Chunk states Hk_c, Hv_c recomputed in bf16 (half the bytes: 2 x 134 MB fp32 at gpu-a, read by
 # bwd_q and bwd_slot). Off: dg 1.30e-2 -> 1.58e-2 on the explicit-s case, too close to 2e-2.
