@@ -15,11 +15,15 @@ scheduling. In order:
    either every chunk's own term at once (``nha_bwd_state_local_kernel``) chained by
    ``nha_state_scan_kernel`` in reverse, or ``nha_bwd_state_kernel`` walking the chunks back;
    stores dH at every chunk start and after the last chunk (rows as the states), dhk0/dhv0.
-4. ``nha_bwd_slot_kernel`` grid ``(blocks, H)``: per chunk and KV head, sums over the group's
+4. ``nha_state_carry_kernel``: per state row and slot, the carry ``<dH, H>`` (the gate gradient's
+   part from every later chunk), after which the recomputed states are freed: at gpu-b they are
+   the largest side buffers (2 x 134 MB fp32), and the slot kernel's dks/dvs scratch (the same
+   size) is allocated only then, so the two never coexist.
+5. ``nha_bwd_slot_kernel`` grid ``(blocks, H)``: per chunk and KV head, sums over the group's
    query heads the slot-branch gradients of the shifted tokens, dKs, dVs, dS, and the gate
-   gradient as a reverse cumsum inside the chunk plus the carry ``<dH_end, H_next>`` per slot
+   gradient as a reverse cumsum inside the chunk plus the carry of the state after the chunk
    (exact: sum over later chunks of the same terms); writes them un-shifted (token p - W).
-5. ``nha_bwd_kv_kernel`` grid ``(blocks, H)``: per BT keys and KV head, walks the group's query
+6. ``nha_bwd_kv_kernel`` grid ``(blocks, H)``: per BT keys and KV head, walks the group's query
    blocks inside the band ``t in [j, j+W)`` (FlashAttention-2 key-side loop) for the window dk,
    dv, adds the slot parts of step 4 and writes dk, dv once; it also writes the zero ds, dg of
    the last W tokens of each sequence (they never reach the slots), so no output is memset.
@@ -253,8 +257,34 @@ def nha_bwd_state_local_kernel(
 
 
 @triton.jit
+def nha_state_carry_kernel(dh_k, dh_v, hk_c, hv_c, carry, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                           BKC: tl.constexpr, BVC: tl.constexpr, BMC: tl.constexpr):
+    """carry [R,H,M] fp32, row r = sum_k dH_k[r,:,k,m] H_k[r,:,k,m] + sum_v dH_v[r,:,m,v] H_v[r,:,m,v]
+    for slots i_m*BMC ..; grid (R*H, cdiv(M, BMC)), K and V walked in BKC / BVC rows."""
+    i_rh, i_m = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BMC + tl.arange(0, BMC)
+    m_m = o_m < M
+    b_c = tl.zeros([BMC], dtype=tl.float32)
+    base_k = i_rh.to(tl.int64) * K * M
+    for k0 in range(0, K, BKC):
+        o_k = k0 + tl.arange(0, BKC)
+        o_km = base_k + o_k[:, None] * M + o_m[None, :]
+        m_km = (o_k < K)[:, None] & m_m[None, :]
+        b_c += tl.sum(tl.load(dh_k + o_km, mask=m_km, other=0.0).to(tl.float32)
+                      * tl.load(hk_c + o_km, mask=m_km, other=0.0).to(tl.float32), 0)
+    base_v = i_rh.to(tl.int64) * M * V
+    for v0 in range(0, V, BVC):
+        o_v = v0 + tl.arange(0, BVC)
+        o_mv = base_v + o_m[:, None] * V + o_v[None, :]
+        m_mv = m_m[:, None] & (o_v < V)[None, :]
+        b_c += tl.sum(tl.load(dh_v + o_mv, mask=m_mv, other=0.0).to(tl.float32)
+                      * tl.load(hv_c + o_mv, mask=m_mv, other=0.0).to(tl.float32), 1)
+    tl.store(carry + i_rh.to(tl.int64) * M + o_m, b_c, mask=m_m)
+
+
+@triton.jit
 def nha_bwd_slot_kernel(
-    qs, ks, v, g, s, do, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
+    qs, ks, v, g, s, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
     dks, dvs, ds, dg,
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
@@ -279,11 +309,8 @@ def nha_bwd_slot_kernel(
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
     # row c + 1: the state after the chunk and the gradient w.r.t. it (0 after the last chunk)
     i_next = (c0 + i_c + 1) * H + i_h
-    # the carry <dH_end, H_next> first, so the four state tiles die before the heavy part
     b_dhk, b_dhv = load_states(dh_k, dh_v, i_next, K, V, M, BK, BV, BM)
-    b_hkn, b_hvn = load_states(hk_c, hv_c, i_next, K, V, M, BK, BV, BM)
-    b_carry = tl.sum(b_dhk.to(tl.float32) * b_hkn.to(tl.float32), 0) \
-        + tl.sum(b_dhv.to(tl.float32) * b_hvn.to(tl.float32), 1)                                   # [BM]
+    b_carry = tl.load(carry + i_next * M + o_m, mask=m_m, other=0.0)                             # [BM]
 
     b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
@@ -471,10 +498,6 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     dq_slot = torch.zeros(B * T, HQ, K, dtype=dt, device=dev) if q_slot is not None else None
     dk = torch.empty(B * T, H, K, dtype=dt, device=dev)
     dv = torch.empty(B * T, H, V, dtype=dt, device=dev)
-    # the slot kernel writes the tokens that reach the slots, the kv kernel zeros the rest of
-    # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
-    dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
-    dvs = torch.empty(B * T, H, V, **f32)
     chain = s is None and configs.BWD_CHAIN_DERIVED_S
     dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
     ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
@@ -489,8 +512,9 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
-    else:
-        hk_c = hv_c = ps_buf = dls_buf = x1_buf = dvs
+    else:   # placeholders: no kernel reads them without slots
+        hk_c = hv_c = ps_buf = dls_buf = x1_buf = dvs = d_buf
+        dks = torch.zeros(B * T, H, K, dtype=dt, device=dev) if k_slot is not None else d_buf
     if NB > 0 and T > 0:
         nha_bwd_q_kernel[(NB, HQ)](
             qf, kf, vf, qsf, ksf, gf, s_arg, hk_c, hv_c, of, dof, lse, cu, chunk_off, block_map,
@@ -524,8 +548,18 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
                 configs.scan_width(K, V, M), configs.scan_rows(), False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
+        carry = torch.empty(R, H, M, **f32)
+        BMC = min(configs.pad(M), 64)
+        nha_state_carry_kernel[(R * H, triton.cdiv(M, BMC))](
+            dh_k, dh_v, hk_c, hv_c, carry, K, V, M, min(BK, 64), min(BV, 64), BMC, num_warps=4,
+        )
+        del hk_c, hv_c   # freed before dks, dvs exist (module docstring, step 4)
+        # the slot kernel writes the tokens that reach the slots, the kv kernel zeros the rest of
+        # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
+        dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
+        dvs = torch.empty(B * T, H, V, **f32)
         nha_bwd_slot_kernel[(NB, H)](
-            qsf, ksf, vf, gf, s_arg, dof, hk_c, hv_c, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
+            qsf, ksf, vf, gf, s_arg, dof, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
             cu, chunk_off, block_map, dks, dvs, ds, dg,
             p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
             LOWP_SL, LOWP_KV, DOT,
