@@ -267,3 +267,47 @@ def test_float16_within_twice_naive(case):
     p, x = kernel_inputs(13, **case, dtype="float16", gates="logsigmoid", device="cpu", array_kind="torch")
     got, naive, want = triton_lowp_results(p, x, "cpu")
     assert_within_twice_naive(got, naive, want, "float16", rel)
+
+
+def test_backward_side_buffers_live_one_step_at_a_time(small_tiles, monkeypatch):
+    """The backward allocates each output and scratch buffer where it is first written and drops
+    side buffers after their last reader (the recomputed chunk states before the dks/dvs scratch
+    exists, dk/dv only for the last kernel), so its peak is the larger of the state-pass and the
+    slot-kernel working sets, not the sum of every buffer (SPEC's peak-memory target at gpu-b)."""
+    import weakref
+
+    B, T, HQ, H, K, V, M, W = 1, 48, 1, 1, 16, 16, 16, 8
+    p, x = make(9, B, T, HQ, H, K, V, M, W)
+    n = native(p, x)
+    args = (n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], n["hk0"], n["hv0"], n["cu"])
+    o, lse, _, _ = tf.forward(p, *args)
+    do = torch.ones_like(o)
+
+    live = {"now": 0, "peak": 0}
+
+    def tracked(make_tensor):
+        def alloc(*a, **kw):
+            t = make_tensor(*a, **kw)
+            if t.is_floating_point():
+                size = t.numel() * t.element_size()
+                live["now"] += size
+                live["peak"] = max(live["peak"], live["now"])
+                weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - size))
+            return t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", tracked(torch.empty))
+    monkeypatch.setattr(torch, "zeros", tracked(torch.zeros))
+    grads = tb.backward(p, do, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], o, lse,
+                        n["hk0"], n["hv0"], n["cu"])
+    assert grads[0] is not None
+
+    f32, R, N = 4, T // 16 + 1, B * T            # BT = 16 (small_tiles): 3 chunks + the row after
+    kept = N * HQ * K + N * HQ                    # dq, D
+    side = 3 * N * HQ * M                         # Ps, dLs, X1
+    states = R * H * (K * M + M * V)              # one [R,H,K,M] + [R,H,M,V] pair
+    state_pass = kept + side + 2 * states + R * H * M          # recomputed states + dH + the scan's a_c
+    slot_kernel = kept + side + states + R * H * M + N * H * M + N * H * (K + V)  # dH, carry, dg, dks/dvs
+    allowed = f32 * max(state_pass, slot_kernel)
+    everything = f32 * (state_pass + N * H * M + N * H * (K + V) + N * H * (K + V))  # + dg, dks/dvs, dk/dv
+    assert live["peak"] <= allowed < everything, (live["peak"], allowed, everything)

@@ -496,11 +496,9 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
 
     dq = torch.empty(B * T, HQ, K, dtype=dt, device=dev)
     dq_slot = torch.zeros(B * T, HQ, K, dtype=dt, device=dev) if q_slot is not None else None
-    dk = torch.empty(B * T, H, K, dtype=dt, device=dev)
-    dv = torch.empty(B * T, H, V, dtype=dt, device=dev)
     chain = s is None and configs.BWD_CHAIN_DERIVED_S
-    dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
-    ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
+    # outputs and scratch are allocated where they are first written and side buffers freed after
+    # their last reader, so the peak is the largest step's working set, not the sum of all
     d_buf = torch.empty(B * T, HQ, **f32)
     dhk0 = torch.zeros(p.N, H, K, M, **f32) if hk0 is not None else None
     dhv0 = torch.zeros(p.N, H, M, V, **f32) if hk0 is not None else None
@@ -548,12 +546,15 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
                 configs.scan_width(K, V, M), configs.scan_rows(), False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
+            del a_c
         carry = torch.empty(R, H, M, **f32)
         BMC = min(configs.pad(M), 64)
         nha_state_carry_kernel[(R * H, triton.cdiv(M, BMC))](
             dh_k, dh_v, hk_c, hv_c, carry, K, V, M, min(BK, 64), min(BV, 64), BMC, num_warps=4,
         )
         del hk_c, hv_c   # freed before dks, dvs exist (module docstring, step 4)
+        dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
+        ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
         # the slot kernel writes the tokens that reach the slots, the kv kernel zeros the rest of
         # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
         dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
@@ -565,6 +566,12 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             LOWP_SL, LOWP_KV, DOT,
             num_warps=warps,
         )
+        del ps_buf, dls_buf, x1_buf, dh_k, dh_v, dh0k, dh0v, carry   # (dh0k/dh0v: dh_k/dh_v or the outputs dhk0/dhv0)
+    else:
+        dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
+        ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)
+    dk = torch.empty(B * T, H, K, dtype=dt, device=dev)
+    dv = torch.empty(B * T, H, V, dtype=dt, device=dev)
     if NB > 0 and T > 0:
         nha_bwd_kv_kernel[(NB, H)](
             qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
