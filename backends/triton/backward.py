@@ -25,7 +25,7 @@ scheduling. In order:
    (exact: sum over later chunks of the same terms); writes them un-shifted (token p - W).
 6. ``nha_bwd_kv_kernel`` grid ``(blocks, H)``: per BT keys and KV head, walks the group's query
    blocks inside the band ``t in [j, j+W)`` (FlashAttention-2 key-side loop) for the window dk,
-   dv, adds the slot parts of step 4 and writes dk, dv once; it also writes the zero ds, dg of
+   dv, adds the slot parts of step 5 and writes dk, dv once; it also writes the zero ds, dg of
    the last W tokens of each sequence (they never reach the slots), so no output is memset.
 
 As in the forward, Gc is recomputed from g in each kernel (log2 units, exp2), s = 1 - exp(g) is
