@@ -12,8 +12,14 @@ the per-token NumPy loop, wall-clock medians.
 
     python asv_bench/compare.py --out DIR [--shapes gpu-a,gpu-b,...] [--quick]
     python asv_bench/compare.py --out DIR --cpu [--shapes cpu-a,cpu-b]
+    python asv_bench/compare.py --out DIR --triton-config "BWD_BF16_DOTS=('state','slot')"  # a candidate
+    python asv_bench/compare.py --out DIR --from-records RECORDS.jsonl [--meta OTHER/results.json]
 
 Writes DIR/results.json (every number, plus card, date, versions, commit) and DIR/results.md.
+With NHA_GPU_RECORDS=FILE the run's metadata and then every record are streamed to FILE as they
+are taken; ``--from-records FILE`` writes results.json/md from such a file when a timeout cut the
+run before its end (``--meta`` takes the metadata from another results.json of the same host when
+the file has none).
 """
 from __future__ import annotations
 
@@ -127,7 +133,13 @@ def targets_markdown(rows) -> list[str]:
 def to_markdown(result) -> str:
     lines = [f"# nha_core vs peers — {result['device']}", "",
              f"date {result['date']} · commit {result['commit'] or '?'} · mode {result['mode']}"
-             f"{' (quick)' if result['quick'] else ''} · {result['elapsed_s']:.0f} s", ""]
+             f"{' (quick)' if result['quick'] else ''}"
+             + (f" · {result['elapsed_s']:.0f} s" if "elapsed_s" in result else ""), ""]
+    if result.get("triton_config"):
+        lines += [f"Triton settings changed for this run (backends/triton/configs.py): {result['triton_config']}", ""]
+    if result.get("from_records"):
+        lines += [f"Written from the streamed records {result['from_records']} of a run its timeout cut"
+                  + (f"; metadata from {result['meta_from']}" if result.get("meta_from") else ""), ""]
     v = result["versions"]
     lines.append("versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "triton", "cupy", "fla", "numpy")
                                           if k in v))
@@ -178,11 +190,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="shorter timing windows (numbers are noisier)")
     ap.add_argument("--cpu", action="store_true", help="CPU mode: numpy backend vs torch SDPA / per-token loop")
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
+    ap.add_argument("--triton-config", default="", metavar="NAME=VALUE;...",
+                    help="settings of backends/triton/configs.py for this run (recorded in results.json)")
+    ap.add_argument("--from-records", metavar="FILE", help="write the results of a cut run from its streamed records")
+    ap.add_argument("--meta", metavar="RESULTS_JSON", help="with --from-records: metadata from this results.json")
     args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.from_records:
+        return write_results(from_records(args.from_records, args.meta), args.out)
 
     start = time.perf_counter()
     deadline = start + args.budget
-    os.makedirs(args.out, exist_ok=True)
 
     def log(msg):
         print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
@@ -198,7 +216,11 @@ def main(argv=None):
     result = {"device": _device(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": _commit(), "mode": "cpu" if args.cpu else "gpu", "quick": args.quick, "shapes": shapes,
               "shape_defs": {s: common.SHAPES[s].__dict__ for s in shapes}, "versions": _versions()}
-    log(f"device: {result['device']}\nversions: {result['versions']}")
+    if args.triton_config:
+        from nha_core.backends.triton import configs
+
+        result["triton_config"] = configs.override(args.triton_config)
+    log(f"device: {result['device']}\nversions: {result['versions']}\ntriton config: {result.get('triton_config', 'defaults')}")
 
     if args.cpu:
         records = run_cpu(shapes, deadline=deadline, quick=args.quick, log=log)
@@ -215,8 +237,12 @@ def main(argv=None):
             log(f"NOTE: {why} -> fla_chunk_gsa and composition are missing from this run")
         try:
             result["copy_bandwidth_gbs"] = common.gpu_copy_bandwidth_gbs()
+            log(f"copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
         except Exception as error:
             log(f"copy bandwidth not measured: {error}")
+        if os.environ.get("NHA_GPU_RECORDS"):   # the metadata first: --from-records rebuilds a cut run
+            with open(os.environ["NHA_GPU_RECORDS"], "a") as f:
+                f.write(json.dumps({"meta": result}, default=str) + "\n")
         records = measure.run_all(shapes, deadline=deadline, quick=args.quick, log=log)
         # the peer's own correctness last: its compile time is already paid by then
         if time.perf_counter() < deadline:
@@ -231,11 +257,43 @@ def main(argv=None):
     if not args.cpu:
         result["targets"] = targets.evaluate(result)
     result["elapsed_s"] = time.perf_counter() - start
+    return write_results(result, args.out)
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
+
+def from_records(path: str, meta_path: str | None = None) -> dict:
+    """The result of a GPU run from its streamed records (NHA_GPU_RECORDS): the metadata line the
+    run wrote first, or that of ``meta_path`` (a results.json of the same host), then the records."""
+    meta, records = None, []
+    with open(path) as f:
+        for line in filter(str.strip, f):
+            item = json.loads(line)
+            if "meta" in item:
+                meta = item["meta"]
+            else:
+                records.append(item)
+    if meta is None:
+        if meta_path is None:
+            raise SystemExit(f"{path} has no metadata line (runs before 2026-12-02 wrote none): pass --meta")
+        with open(meta_path) as f:
+            meta = {k: v for k, v in json.load(f).items()
+                    if k in ("device", "date", "commit", "mode", "quick", "versions", "copy_bandwidth_gbs", "triton_config")}
+        meta["meta_from"] = os.path.relpath(meta_path, HERE)
+    result = dict(meta, mode="gpu", records=records, from_records=os.path.basename(path))
+    result["shapes"] = list(dict.fromkeys(r["shape"] for r in records))
+    result["shape_defs"] = {s: common.SHAPES[s].__dict__ for s in result["shapes"] if s in common.SHAPES}
+    result["ratios"] = measure.ratio_table(records)
+    for r in records:
+        if r.get("gbs") and result.get("copy_bandwidth_gbs"):
+            r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
+    result["targets"] = targets.evaluate(result)
+    return result
+
+
+def write_results(result: dict, out: str) -> int:
+    with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     md = to_markdown(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print("\n" + md)
     return 0

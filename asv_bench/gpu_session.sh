@@ -52,8 +52,10 @@ for step in "$@"; do
       NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \
         python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
       tail -15 "$OUT/properties_gpu.log" ;;
-    properties)   # the Hypothesis property suite against every usable CUDA backend (triton, cupy), 8 workers
-      NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
+    properties)   # the Hypothesis property suite against every usable CUDA backend (triton, cupy), 8 workers;
+      # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault the last line of the
+      # failing worker's file names the faulting case; launches are synchronous for that)
+      NHA_TEST_CASE_LOG="$OUT/cases" CUDA_LAUNCH_BLOCKING=${CUDA_LAUNCH_BLOCKING:-1} NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
         python3 -m pytest -m gpu tests/test_properties.py -q -rf -n 8 -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
       tail -30 "$OUT/properties_gpu.log" ;;
     state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS)
@@ -73,7 +75,10 @@ for step in "$@"; do
         > "$OUT/profile_cupy.log" 2>&1; grep -A3 "^variant" "$OUT/profile_cupy.log" ;;
     compare)
       # NHA_COMMIT: the commit the tree was copied from (compare.py records it; a copied .git may be older)
+      # NHA_TRITON_CONFIG="NAME=VALUE;...": a candidate setting timed against the peers (recorded);
+      # a run its timeout cuts leaves $OUT/compare_records.jsonl: compare.py --from-records rebuilds it
       NHA_GPU_RECORDS="$OUT/compare_records.jsonl" timeout ${NHA_STEP_TIMEOUT_S:-540} python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
+        ${NHA_TRITON_CONFIG:+--triton-config "$NHA_TRITON_CONFIG"} \
         > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;
     asv)
       # asv GPU suite, bench_gpu.Summary by default (NHA_ASV_BENCH overrides the regex). asv needs the

@@ -8,7 +8,6 @@ example database, so CI is reproducible), ``dev`` (random, few examples), ``nigh
 backends/triton/configs.py (values are Python literals), so a candidate setting is judged by the
 same tests as the defaults before it becomes one (asv_bench/gpu_session.sh, step variant-tests).
 """
-import ast
 import os
 
 import numpy as np
@@ -31,11 +30,10 @@ def pytest_configure(config):
         return
     from nha_core.backends.triton import configs
 
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        name, _, value = item.partition("=")
-        if not hasattr(configs, name.strip()):
-            raise pytest.UsageError(f"NHA_TEST_TRITON_CONFIG: backends/triton/configs.py has no {name.strip()!r}")
-        setattr(configs, name.strip(), ast.literal_eval(value.strip()))
+    try:
+        configs.override(text)
+    except ValueError as error:
+        raise pytest.UsageError(f"NHA_TEST_TRITON_CONFIG: {error}") from None
     config.stash[_OVERRIDES] = text
 
 

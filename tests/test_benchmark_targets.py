@@ -53,3 +53,30 @@ def test_unmeasured_peak_keeps_its_reason():
          "peak_note": "CuPy's pool is not counted"}]}
     memory = _verdicts(result, "nha_cupy")[("forward+backward peak memory <= 1.3x inputs+outputs+gradients", "gpu-b")]
     assert memory["met"] is None and memory["reason"] == "CuPy's pool is not counted"
+
+
+def test_results_rebuilt_from_streamed_records(tmp_path):
+    """compare.py --from-records: a run cut by its timeout still yields results (metadata line
+    first, then records); a record not "ok" enters no ratio."""
+    import json
+
+    import compare
+
+    meta = {"device": "card", "date": "d", "commit": "c", "mode": "gpu", "quick": False, "versions": {},
+            "copy_bandwidth_gbs": 4000.0}
+    rows = [{"meta": meta},
+            {"shape": "gpu-b", "impl": "nha_triton", "mode": "forward", "status": "ok", "ms": 2.0},
+            {"shape": "gpu-b", "impl": "sdpa_causal", "mode": "forward", "status": "ok", "ms": 8.0},
+            {"shape": "gpu-b", "impl": "flex_window", "mode": "forward", "status": "invalid", "ms": 900.0},
+            {"shape": "decode", "impl": "nha_triton", "mode": "decode", "status": "ok", "ms": 0.2, "gbs": 3000.0}]
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = compare.from_records(str(path))
+    assert result["device"] == "card" and result["shapes"] == ["gpu-b", "decode"]
+    assert [(r["peer"], r["ratio"]) for r in result["ratios"]] == [("sdpa_causal", 0.25)]
+    assert result["records"][-1]["fraction_of_copy_bandwidth"] == 0.75
+    v = {(t["target"], t["shape"]): t for t in result["targets"] if t["impl"] == "nha_triton"}
+    assert v[("gpu-b forward >= 5x faster than SDPA full causal", "gpu-b")]["met"] is False   # 0.25 > 0.2
+    assert v[("forward <= 1.5x FlexAttention sliding window", "gpu-b")]["met"] is None
+    compare.write_results(result, str(tmp_path))
+    assert "Written from the streamed records records.jsonl" in (tmp_path / "results.md").read_text()

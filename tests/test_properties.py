@@ -3,6 +3,10 @@
 Which backends and device: ``NHA_TEST_DEVICE`` (``cpu`` default, or ``cuda``) and
 ``NHA_TEST_BACKENDS`` (comma list; default ``numpy`` on the CPU, every usable CUDA backend on
 ``cuda``). On a GPU machine: ``NHA_TEST_DEVICE=cuda pytest -m gpu tests/test_properties.py``.
+
+``NHA_TEST_CASE_LOG=PREFIX`` appends every drawn case to ``PREFIX.<xdist worker>`` before it runs
+(flushed), so after a CUDA fault, which poisons the context and fails every later example, the
+last line names the case that faulted (with ``CUDA_LAUNCH_BLOCKING=1`` the fault surfaces in it).
 """
 from __future__ import annotations
 
@@ -75,7 +79,17 @@ def tolerance(case: Case, dtype: str) -> float:
     return tol
 
 
+def log_case(case, dtype, backend):
+    prefix = os.environ.get("NHA_TEST_CASE_LOG")
+    if prefix:
+        with open(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a") as f:
+            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')} {backend} {dtype} {case!r}\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def run_attention(case, x, dtype, backend, **extra):
+    log_case(case, dtype, backend)
     dev = {n: to_device(a, dtype) for n, a in x.items()}
     cu = case.cu_seqlens
     return nha_core.attention(
@@ -226,6 +240,7 @@ def test_window_zero_is_gated_slot_attention(backend, case):
     dtype = DTYPES[0]
     case = Case(**{**case.__dict__, "W": 0, "M": max(case.M, 1), "HQ": case.H})
     x = inputs(case)
+    log_case(case, dtype, backend)
     o = to_host(nha_core.attention(*(to_device(x[n], dtype) for n in "qkvg"), window_size=0, backend=backend))
     ref, _ = reference.gsa_recurrence(*(cast_back(x[n], dtype) for n in "qkvg"))
     assert rel_err(o, ref) <= tolerance(case, dtype)
@@ -238,6 +253,7 @@ def test_no_slots_full_window_is_causal_attention(backend, case):
     dtype = DTYPES[0]
     case = Case(**{**case.__dict__, "M": 0, "W": case.T + 1})
     x = inputs(case)
+    log_case(case, dtype, backend)
     o = to_host(nha_core.attention(*(to_device(x[n], dtype) for n in "qkvg"), window_size=case.W, backend=backend))
     ref, _ = reference.causal_softmax_attention(*(cast_back(x[n], dtype) for n in "qkv"))
     assert rel_err(o, ref) <= tolerance(case, dtype)

@@ -165,6 +165,20 @@ def test_state_pass_choice():
     assert tc.state_pass(1, 16, 64, 64, 64, 512, 512) == "scan"
 
 
+def test_config_override_sets_literals_and_names_mistakes(monkeypatch):
+    """configs.override (NHA_TEST_TRITON_CONFIG, compare.py --triton-config): literal values,
+    tuples included; an unknown name or a non-literal value is refused by name."""
+    monkeypatch.setattr(tc, "BWD_BF16_DOTS", tc.BWD_BF16_DOTS)
+    monkeypatch.setattr(tc, "STATE_PASS", tc.STATE_PASS)
+    assert tc.override("BWD_BF16_DOTS=('state', 'slot'); STATE_PASS='walk'") == {
+        "BWD_BF16_DOTS": ("state", "slot"), "STATE_PASS": "walk"}
+    assert tc.BWD_BF16_DOTS == ("state", "slot") and tc.STATE_PASS == "walk"
+    with pytest.raises(ValueError, match="no setting 'BWD_DOTS'"):
+        tc.override("BWD_DOTS=()")
+    with pytest.raises(ValueError, match="not a Python literal"):
+        tc.override("STATE_PASS=walk")
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_forward_backward_small_tiles(case, small_tiles):
     p, x = make(1, **case)

@@ -83,6 +83,12 @@ def _flex():
     import torch
     from torch.nn.attention import flex_attention as fa
 
+    # One compiled graph per (shape, requires_grad, return_lse) that a run meets: a full compare
+    # run needs more than dynamo's default 8 recompiles of one function, and past the limit
+    # flex_attention silently falls back to an unfused kernel that materialises T x T scores
+    # (seen 2026-12-02, H200: gpu-c forward+backward "314 ms", 107 GB peak).
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(64, getattr(torch._dynamo.config, limit)))
     return torch.compile(fa.flex_attention, dynamic=False), fa
 
 
