@@ -5,6 +5,8 @@
 #   bash asv_bench/gpu_session.sh repro-bf16  # the bf16 slot-dot fault, with and without the candidate fix
 #   bash asv_bench/gpu_session.sh state-pass  # chunk-state scan vs walk, gpu-b and gpu-a
 #   bash asv_bench/gpu_session.sh bwd-dots  # bf16 operands in the backward's slot dots, checked and timed at gpu-a
+#   bash asv_bench/gpu_session.sh wide      # chunk rows / warps for K = V = 128, checked and timed at gpu-c
+#   bash asv_bench/gpu_session.sh decode-splits  # CuPy decode window splits, per-kernel times at the decode shape
 #   NHA_VARIANT="NAME=VALUE;..." bash asv_bench/gpu_session.sh variant-tests  # Triton GPU tests under those configs
 #   NHA_TEST_BACKENDS=cupy NHA_TEST_EXAMPLES=6 bash asv_bench/gpu_session.sh properties  # one backend per call:
 #     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
@@ -43,6 +45,17 @@ for step in "$@"; do
         --variant slot:BWD_BF16_DOTS='("state","slot")' --variant probs-slot:BWD_BF16_DOTS='("state","q_probs","slot")' \
         --variant all:BWD_BF16_DOTS='("state","q","slot")' \
         > "$OUT/bwd_dots.log" 2>&1; grep -A6 "^variant" "$OUT/bwd_dots.log" ;;
+    wide)   # K = V = 128 (gpu-c): chunk rows and forward warps (configs.CHUNK_ROWS_128, BWD_CHUNK_ROWS_128,
+      # FWD_WARPS_128; BT = 32 compiles to mma.sync, 64 to wgmma), checked and timed at gpu-c
+      timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-c --modes forward,backward \
+        --out "$OUT" --check-all --variant default: --variant fwd-w4:FWD_WARPS_128=4 \
+        --variant bt64:CHUNK_ROWS_128=64,BWD_CHUNK_ROWS_128=64 --variant bt64-w4:CHUNK_ROWS_128=64,FWD_WARPS_128=4 \
+        > "$OUT/wide.log" 2>&1; grep -A6 "^variant" "$OUT/wide.log" ;;
+    decode-splits)   # CuPy decode: window splits per (sequence, KV head) (configs.DECODE_SPLITS); compare the
+      # per-kernel sums (decode_kernels): the whole-call times are eager, mostly Python and launches
+      timeout ${NHA_STEP_TIMEOUT_S:-150} python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT" \
+        --variant default: --variant s2:DECODE_SPLITS=2 --variant s4:DECODE_SPLITS=4 --variant s6:DECODE_SPLITS=6 \
+        --variant s8:DECODE_SPLITS=8 > "$OUT/decode_splits.log" 2>&1; grep -o '"variant": "[^"]*"\|"decode_kernels": {[^}]*}' "$OUT/decode_splits.log" ;;
     variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation) under NHA_VARIANT
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
         python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward}" \

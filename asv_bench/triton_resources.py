@@ -75,7 +75,9 @@ class Capture:
             flags = {fn.arg_names[i[0]]: v for i, v in constexprs.items()
                      if isinstance(v, (bool, str)) and fn.arg_names[i[0]].isupper() and len(i) == 1}
             res = resource_usage(k.asm["cubin"])
+            ptx = k.asm["ptx"]
             self.rows[key] = dict(kernel=fn.__name__, regs=res["REG"], spills=res["STACK"], smem=md.shared,
+                                  mma=f"{ptx.count('wgmma.mma_async')}/{ptx.count('mma.sync')}",
                                   warps=md.num_warps, stages=md.num_stages, grid=grid,
                                   flags=" ".join(f"{n}={v}" for n, v in flags.items()
                                                  if n in ("LOWP", "HAS_SLOTS", "HAS_S", "DOT", "SPLIT")))
@@ -143,13 +145,13 @@ def main(argv=None):
     try:
         print(f"# triton {triton.__version__}, sm_{args.arch}, shape {args.shape} {SHAPES[args.shape]} "
               f"(B, HQ, H, T, K=V, M, W); overrides: {args.set or 'none'}")
-        print(f"{'dtype':9} {'kernel':22} {'regs':>5} {'spill B':>8} {'smem B':>7} {'warps':>5} {'stages':>6}  flags")
+        print(f"{'dtype':9} {'kernel':22} {'regs':>5} {'spill B':>8} {'smem B':>7} {'warps':>5} {'stages':>6} {'wgmma/mma':>9}  flags")
         for dtype in args.dtype.split(","):
             cap.rows = {}
             run_host(args.shape, dtype)
             for r in cap.rows.values():
                 print(f"{dtype:9} {r['kernel']:22} {r['regs']:5d} {r['spills']:8d} {r['smem']:7d} {r['warps']:5d} "
-                      f"{r['stages']:6d}  {r['flags']}", flush=True)
+                      f"{r['stages']:6d} {r['mma']:>9}  {r['flags']}", flush=True)
     finally:
         _jit.JITFunction.run = orig
 

@@ -106,7 +106,8 @@ def small_checks(backend: str, seed: int = 0, dtypes=("bfloat16", "float32")) ->
     """Worst relative errors vs the fp64 oracle on small problems (forward o and every gradient)."""
     worst = {}
     for case, (B, T, HQ, H, K, M, W) in {"gqa-M64": (2, 203, 4, 2, 64, 64, 70),
-                                         "M16-W>T": (1, 150, 2, 1, 64, 16, 300)}.items():
+                                         "M16-W>T": (1, 150, 2, 1, 64, 16, 300),
+                                         "K128-gqa": (1, 203, 4, 2, 128, 64, 70)}.items():
         r = np.random.default_rng(seed)
         x = {"q": r.standard_normal((B, T, HQ, K)), "k": r.standard_normal((B, T, H, K)),
              "v": r.standard_normal((B, T, H, K)),

@@ -65,7 +65,7 @@ def interpreter(monkeypatch):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M: 16)
+    monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M, backward=False: 16)
     monkeypatch.setattr(tc, "window_rows", lambda K, V: 16)
     monkeypatch.setattr(tc, "decode_window_rows", lambda K, V: 16)
     # the state scan (not the walk "auto" picks for so few chunks) in several steps of 2 chunks
@@ -156,6 +156,13 @@ def test_state_walk_small_tiles(case, small_tiles, monkeypatch):
     """The other chunk-state pass (configs.STATE_PASS "walk": one program walks the chunks)."""
     monkeypatch.setattr(tc, "STATE_PASS", "walk")
     check(**dict(zip(("p", "x"), make(0, **case))))
+
+
+def test_backward_chunks_differently_from_forward(small_tiles, monkeypatch):
+    """The backward recomputes its chunk states, so its BT may differ from the forward's
+    (configs.BWD_CHUNK_ROWS_128): 16-row forward chunks, 32-row backward chunks, varlen."""
+    monkeypatch.setattr(tc, "chunk_rows", lambda K, V, M, backward=False: 32 if backward else 16)
+    check(*make(4, **CASES[4]))
 
 
 def test_state_pass_choice():

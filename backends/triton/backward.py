@@ -467,7 +467,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
     dev, dt = q.device, q.dtype
     f32 = dict(dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev)
+    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev, backward=True)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p))
     # bfloat16 inputs (forward.lowp): which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
     # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice

@@ -102,6 +102,17 @@ BF16_MIN_SLOT_TILE = 64
 FP16_SLOT_DOTS = "tf32x3"
 # Smallest BM otherwise (see slot_tile).
 MIN_SLOT_TILE = 32
+# BT (chunk_rows) of the forward and of the backward, and the forward kernel's warps, when the
+# widest of K, V, M is 65..128 (gpu-c: K = V = 128). Never timed against each other: gpu-c's
+# first measurement (H200, 2026-12-02) ran the forward in 2.06 ms against FlexAttention's 0.29
+# and SDPA full causal's 1.97, five times gpu-a's time per token and head. ptxas (Triton 3.6,
+# sm_90, bf16 gpu-c): BT = 32 gives mma.sync only in every kernel; BT = 64 gives wgmma, the
+# forward kernel 254 registers without spills (8 warps; 88 B of spills at 4), the backward's
+# bwd_q 864 B and bwd_slot 1520 B of spills (424 / 1448 at BT = 32). Candidates timed by
+# `gpu_session.sh wide`.
+CHUNK_ROWS_128 = 32
+BWD_CHUNK_ROWS_128 = 32
+FWD_WARPS_128 = 8
 
 
 def override(text: str) -> dict:
@@ -133,19 +144,22 @@ def pad(n: int) -> int:
     return max(16, next_pow2(n))
 
 
-def chunk_rows(K: int, V: int, M: int) -> int:
-    """BT: query rows per program = slot-chunk length (both kernels share the chunk boundaries).
+def chunk_rows(K: int, V: int, M: int, backward: bool = False) -> int:
+    """BT: query rows per program = slot-chunk length (the kernels of one pass share the chunk
+    boundaries; the backward recomputes its chunk states, so it may chunk differently).
 
     64 rows feed the H100 tensor cores well (one 64-row wgmma) while the slot tiles
     [BT, BM] x 4 (logits, cumsum, weights, decays) plus [BK, BM] + [BM, BV] states stay
     within 255 registers per thread for K, V, M <= 64. Larger dims halve BT to keep the same
-    register budget.
+    register budget (CHUNK_ROWS_128, BWD_CHUNK_ROWS_128), at the price of the wgmma: Triton 3.6
+    lowers the [32, *] dots to mma.sync (ptxas, sm_90, gpu-c: 0 wgmma / 188 mma.sync in
+    nha_fwd_kernel at BT = 32, 132 / 0 at BT = 64 with 254 registers and no spills).
     """
     big = max(pad(K), pad(V), pad(M))
     if big <= 64:
         return 64
     if big <= 128:
-        return 32
+        return BWD_CHUNK_ROWS_128 if backward else CHUNK_ROWS_128
     return 16
 
 
@@ -161,7 +175,7 @@ def num_warps(K: int, V: int, M: int) -> int:
     with 4 warps against 1.14 with 8, although 4 warps spill some of the slot-branch tiles
     (255 registers, 512 B of stack): 8 warps keep one 240-register program per SM, too little
     to hide the window loop's latency. Wider tiles (> 64, untimed) keep 8 so they fit."""
-    return 4 if max(pad(K), pad(V), pad(M)) <= 64 else 8
+    return 4 if max(pad(K), pad(V), pad(M)) <= 64 else FWD_WARPS_128
 
 
 def decode_num_warps(K: int, V: int) -> int:

@@ -562,8 +562,9 @@ def nha_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
-def plan(p, cu_seqlens, device):
-    """Sequence and chunk bookkeeping shared by forward and backward.
+def plan(p, cu_seqlens, device, backward=False):
+    """Sequence and chunk bookkeeping shared by forward and backward (``backward``: the chunk
+    length of the backward, configs.chunk_rows).
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
     NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has
@@ -575,7 +576,7 @@ def plan(p, cu_seqlens, device):
     stream after each such copy, which left the GPU idle for the rest of the host's work on every
     call. Without cu_seqlens a call therefore never waits for the device.
     """
-    BT = configs.chunk_rows(p.K, p.V, p.M)
+    BT = configs.chunk_rows(p.K, p.V, p.M, backward)
     if cu_seqlens is None:
         lens = (p.T,) * p.B
     else:
