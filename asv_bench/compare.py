@@ -248,16 +248,21 @@ def main(argv=None):
         if time.perf_counter() < deadline:
             records.append(measure.check_composition())
             log(f"composition self-check: {records[-1]}")
-        result["ratios"] = measure.ratio_table(records)
-        for r in records:
-            if r.get("gbs") and result.get("copy_bandwidth_gbs"):
-                r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
-        # (decode ratios vs sdpa_kvcache come from ratio_table: same shape, mode "decode")
+        summarise_gpu(result, records)
     result["records"] = records
-    if not args.cpu:
-        result["targets"] = targets.evaluate(result)
     result["elapsed_s"] = time.perf_counter() - start
     return write_results(result, args.out)
+
+
+def summarise_gpu(result: dict, records: list) -> None:
+    """Ratios (decode against sdpa_kvcache too: same shape, mode "decode"), fractions of the copy
+    bandwidth and SPEC verdicts of one GPU run's records, into ``result``."""
+    for r in records:
+        if r.get("gbs") and result.get("copy_bandwidth_gbs"):
+            r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
+    result["records"] = records
+    result["ratios"] = measure.ratio_table(records)
+    result["targets"] = targets.evaluate(result)
 
 
 def from_records(path: str, meta_path: str | None = None) -> dict:
@@ -278,14 +283,10 @@ def from_records(path: str, meta_path: str | None = None) -> dict:
             meta = {k: v for k, v in json.load(f).items()
                     if k in ("device", "date", "commit", "mode", "quick", "versions", "copy_bandwidth_gbs", "triton_config")}
         meta["meta_from"] = os.path.relpath(meta_path, HERE)
-    result = dict(meta, mode="gpu", records=records, from_records=os.path.basename(path))
+    result = dict(meta, mode="gpu", from_records=os.path.basename(path))
     result["shapes"] = list(dict.fromkeys(r["shape"] for r in records))
     result["shape_defs"] = {s: common.SHAPES[s].__dict__ for s in result["shapes"] if s in common.SHAPES}
-    result["ratios"] = measure.ratio_table(records)
-    for r in records:
-        if r.get("gbs") and result.get("copy_bandwidth_gbs"):
-            r["fraction_of_copy_bandwidth"] = r["gbs"] / result["copy_bandwidth_gbs"]
-    result["targets"] = targets.evaluate(result)
+    summarise_gpu(result, records)
     return result
 
 
