@@ -56,9 +56,9 @@ for step in "$@"; do
       timeout ${NHA_STEP_TIMEOUT_S:-150} python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT" \
         --variant default: --variant s2:DECODE_SPLITS=2 --variant s4:DECODE_SPLITS=4 --variant s6:DECODE_SPLITS=6 \
         --variant s8:DECODE_SPLITS=8 > "$OUT/decode_splits.log" 2>&1; grep -o '"variant": "[^"]*"\|"decode_kernels": {[^}]*}' "$OUT/decode_splits.log" ;;
-    variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation) under NHA_VARIANT
+    variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation, tiny dims) under NHA_VARIANT
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
-        python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward}" \
+        python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward or tiny_dims}" \
         > "$OUT/variant_tests.log" 2>&1; head -5 "$OUT/variant_tests.log"; tail -15 "$OUT/variant_tests.log" ;;
     tests-quick)
       timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
