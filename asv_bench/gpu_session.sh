@@ -35,10 +35,6 @@ for step in "$@"; do
       for setting in ${NHA_REPRO_SETTINGS:-"BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64"}; do
         echo "== ${setting:-default}"; timeout 90 python3 asv_bench/repro_bf16_slots.py 12 ${setting//,/ } 2>&1 | grep -E "bad|Error" | tail -2
       done | tee "$OUT/repro_bf16.log" ;;
-    bf16-dots)   # bf16 slot dots with the candidate tile against the default, checked and timed at gpu-a
-      timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
-        --check-all --variant default: --variant bf16-bm64:BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64 \
-        > "$OUT/bf16_dots.log" 2>&1; grep -A3 "^variant" "$OUT/bf16_dots.log" ;;
     bwd-dots)   # which of the backward's slot kernels may take bf16 operands (configs.BWD_BF16_DOTS)
       timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward \
         --out "$OUT" --check-all --variant default: \
@@ -60,11 +56,6 @@ for step in "$@"; do
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
         python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward or tiny_dims}" \
         > "$OUT/variant_tests.log" 2>&1; head -5 "$OUT/variant_tests.log"; tail -15 "$OUT/variant_tests.log" ;;
-    tests-quick)
-      timeout 80 python3 -m pytest -m gpu tests/test_cupy_gpu.py -q -p no:cacheprovider > "$OUT/cupy_gpu.log" 2>&1; tail -3 "$OUT/cupy_gpu.log"
-      NHA_TEST_DEVICE=cuda NHA_TEST_DTYPES=bfloat16,float32 NHA_TEST_EXAMPLES=6 timeout 100 \
-        python3 -m pytest -m gpu tests/test_properties.py -q -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
-      tail -15 "$OUT/properties_gpu.log" ;;
     properties)   # the Hypothesis property suite against every usable CUDA backend (triton, cupy), 8 workers;
       # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault the last line of the
       # failing worker's file names the faulting case; launches are synchronous for that)
@@ -146,5 +137,6 @@ PY
         tar -cf "$OUT/asv_results.tar" -C asv_bench results/"$machine" results/benchmarks.json \
           && tar -tvf "$OUT/asv_results.tar"
       fi ;;
+    *) echo "gpu_session.sh: unknown step '$step' (steps: see the header of this file)" ;;
   esac
 done
