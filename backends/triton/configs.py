@@ -104,7 +104,7 @@ FP16_SLOT_DOTS = "tf32x3"
 MIN_SLOT_TILE = 32
 # BT (chunk_rows) of the forward and of the backward, and the forward kernel's warps, when the
 # widest of K, V, M is 65..128 (gpu-c: K = V = 128). Never timed against each other: gpu-c's
-# first measurement (H200, 2026-12-02) ran the forward in 2.06 ms against FlexAttention's 0.29
+# first peer run (H200, 2026-12-02) ran the forward in 2.06 ms against FlexAttention's 0.29
 # and SDPA full causal's 1.97, five times gpu-a's time per token and head. ptxas (Triton 3.6,
 # sm_90, bf16 gpu-c): BT = 32 gives mma.sync only in every kernel; BT = 64 gives wgmma, the
 # forward kernel 254 registers without spills (8 warps; 88 B of spills at 4), the backward's
