@@ -57,8 +57,8 @@ for step in "$@"; do
         python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward or tiny_dims}" \
         > "$OUT/variant_tests.log" 2>&1; head -5 "$OUT/variant_tests.log"; tail -15 "$OUT/variant_tests.log" ;;
     properties)   # the Hypothesis property suite against every usable CUDA backend (triton, cupy), 8 workers;
-      # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault the last line of the
-      # failing worker's file names the faulting case; launches are synchronous for that)
+      # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault, the line before the
+      # first "CONTEXT ALREADY BROKEN" names the faulting case; launches are synchronous for that)
       NHA_TEST_CASE_LOG="$OUT/cases" CUDA_LAUNCH_BLOCKING=${CUDA_LAUNCH_BLOCKING:-1} NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
         python3 -m pytest -m gpu tests/test_properties.py -q -rf -n 8 -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
       tail -30 "$OUT/properties_gpu.log" ;;

@@ -5,8 +5,9 @@ Which backends and device: ``NHA_TEST_DEVICE`` (``cpu`` default, or ``cuda``) an
 ``cuda``). On a GPU machine: ``NHA_TEST_DEVICE=cuda pytest -m gpu tests/test_properties.py``.
 
 ``NHA_TEST_CASE_LOG=PREFIX`` appends every drawn case to ``PREFIX.<xdist worker>`` before it runs
-(flushed), so after a CUDA fault, which poisons the context and fails every later example, the
-last line names the case that faulted (with ``CUDA_LAUNCH_BLOCKING=1`` the fault surfaces in it).
+(flushed). A CUDA fault poisons the context and fails every later example; on CUDA each line
+first checks the context, so the case just before the first "CONTEXT ALREADY BROKEN" line is the
+one that faulted (with ``CUDA_LAUNCH_BLOCKING=1`` the fault surfaces inside it).
 """
 from __future__ import annotations
 
@@ -81,11 +82,20 @@ def tolerance(case: Case, dtype: str) -> float:
 
 def log_case(case, dtype, backend):
     prefix = os.environ.get("NHA_TEST_CASE_LOG")
-    if prefix:
-        with open(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST', '?')} {backend} {dtype} {case!r}\n")
-            f.flush()
-            os.fsync(f.fileno())
+    if not prefix:
+        return
+    state = ""
+    if DEVICE == "cuda":   # a fault leaves the context broken: the case logged before this line caused it
+        import torch
+
+        try:
+            torch.cuda.synchronize()
+        except Exception as error:
+            state = f"CONTEXT ALREADY BROKEN ({type(error).__name__}) "
+    with open(f"{prefix}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}", "a") as f:
+        f.write(f"{state}{os.environ.get('PYTEST_CURRENT_TEST', '?')} {backend} {dtype} {case!r}\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def run_attention(case, x, dtype, backend, **extra):
