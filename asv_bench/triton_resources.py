@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of every Triton kernel, compiled for a GPU we do not have.
 
     python3 asv_bench/triton_resources.py [--shape gpu-a] [--dtype bfloat16,float32] [--arch 90]
-                                          [--kernel bwd_slot,bwd_q] [--set NAME=VALUE ...]
+                                          [--kernel bwd_slot,bwd_q] [--set NAME=VALUE ...] [--dump DIR]
 
 Runs the real host code of ``forward``, ``backward`` and ``decode`` (backends/triton) on
 ``meta`` tensors (no memory, no device), intercepts every kernel launch, and compiles that
@@ -12,7 +12,7 @@ would get. Prints one row per distinct kernel variant: registers per thread, spi
 stages. No GPU and no CUDA driver are needed, only the ptxas that ships with Triton.
 
 ``--set configs.NAME=VALUE`` overrides a knob of backends/triton/configs.py before the host
-code runs (``--set BWD_X1_BF16=False``; values are Python literals), so two variants of a kernel
+code runs (``--set BWD_BF16_X1=True``; values are Python literals), so two variants of a kernel
 can be compared offline. Registers and spills are what ptxas decides; they predict, not
 measure: a variant that removes spills usually runs faster, but only the GPU can tell by how
 much. Relies on Triton internals (``create_function_from_signature``, ``_pack_args``) that
@@ -21,7 +21,6 @@ exist in Triton 3.4-3.9.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 import re
@@ -54,9 +53,10 @@ SHAPES = {  # name: B, HQ, H, T, K, M, W  (SPEC §6; K = V)
 class Capture:
     """Replaces JITFunction.run: compiles each launch for ``target`` instead of running it."""
 
-    def __init__(self, target, only=()):
+    def __init__(self, target, only=(), dump=None):
         self.target = target
         self.only = only
+        self.dump = dump
         self.backend = make_backend(target)
         self.rows = {}
 
@@ -75,9 +75,17 @@ class Capture:
             flags = {fn.arg_names[i[0]]: v for i, v in constexprs.items()
                      if isinstance(v, (bool, str)) and fn.arg_names[i[0]].isupper() and len(i) == 1}
             res = resource_usage(k.asm["cubin"])
-            ptx = k.asm["ptx"]
+            ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
+            if self.dump:   # the lowered kernel, to read what the compiler made of it
+                stem = os.path.join(self.dump, f"{fn.__name__}-{len(self.rows)}")
+                for ext, text in (("ttgir", ttgir), ("ptx", ptx)):
+                    with open(f"{stem}.{ext}", "w") as f:
+                        f.write(text)
+            # layout conversions between the dots' and the elementwise layouts (each a trip
+            # through shared memory or shuffles): what a chain of dependent small dots costs
+            cvt = ttgir.count("ttg.convert_layout") + ttgir.count("triton_gpu.convert_layout")
             self.rows[key] = dict(kernel=fn.__name__, regs=res["REG"], spills=res["STACK"], smem=md.shared,
-                                  mma=f"{ptx.count('wgmma.mma_async')}/{ptx.count('mma.sync')}",
+                                  mma=f"{ptx.count('wgmma.mma_async')}/{ptx.count('mma.sync')}", cvt=cvt,
                                   warps=md.num_warps, stages=md.num_stages, grid=grid,
                                   flags=" ".join(f"{n}={v}" for n, v in flags.items()
                                                  if n in ("LOWP", "HAS_SLOTS", "HAS_S", "DOT", "SPLIT")))
@@ -130,28 +138,29 @@ def main(argv=None):
     ap.add_argument("--kernel", default="", help="comma-separated substrings: compile only these kernels")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="override backends/triton/configs.NAME (a Python literal)")
+    ap.add_argument("--dump", metavar="DIR", help="write each compiled kernel's TTGIR and PTX there")
     args = ap.parse_args(argv)
     from nha_core.backends.triton import configs
 
-    for item in args.set:
-        name, value = item.split("=", 1)
-        name = name.removeprefix("configs.")
-        if not hasattr(configs, name):
-            ap.error(f"--set: configs has no attribute {name!r}")
-        setattr(configs, name, ast.literal_eval(value))
-    cap = Capture(GPUTarget("cuda", args.arch, 32), tuple(x for x in args.kernel.split(",") if x))
+    try:
+        configs.override(";".join(item.removeprefix("configs.") for item in args.set))
+    except ValueError as error:
+        ap.error(f"--set: {error}")
+    if args.dump:
+        os.makedirs(args.dump, exist_ok=True)
+    cap = Capture(GPUTarget("cuda", args.arch, 32), tuple(x for x in args.kernel.split(",") if x), args.dump)
     orig = _jit.JITFunction.run
     _jit.JITFunction.run = lambda fn, *a, **kw: cap.run(fn, *a, **kw)
     try:
         print(f"# triton {triton.__version__}, sm_{args.arch}, shape {args.shape} {SHAPES[args.shape]} "
               f"(B, HQ, H, T, K=V, M, W); overrides: {args.set or 'none'}")
-        print(f"{'dtype':9} {'kernel':22} {'regs':>5} {'spill B':>8} {'smem B':>7} {'warps':>5} {'stages':>6} {'wgmma/mma':>9}  flags")
+        print(f"{'dtype':9} {'kernel':22} {'regs':>5} {'spill B':>8} {'smem B':>7} {'warps':>5} {'stages':>6} {'wgmma/mma':>9} {'cvt':>4}  flags")
         for dtype in args.dtype.split(","):
             cap.rows = {}
             run_host(args.shape, dtype)
             for r in cap.rows.values():
                 print(f"{dtype:9} {r['kernel']:22} {r['regs']:5d} {r['spills']:8d} {r['smem']:7d} {r['warps']:5d} "
-                      f"{r['stages']:6d} {r['mma']:>9}  {r['flags']}", flush=True)
+                      f"{r['stages']:6d} {r['mma']:>9} {r['cvt']:4d}  {r['flags']}", flush=True)
     finally:
         _jit.JITFunction.run = orig
 
