@@ -23,8 +23,10 @@ export TRITON_CACHE_AUTOTUNING=1   # keep autotune results (fla's take minutes) 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || cat "$OUT/install.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# NHA_NO_INSTALL=1: the package is already installed (runs started side by side must not reinstall it)
+[ -n "${NHA_NO_INSTALL:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || cat "$OUT/install.log"
+[ -n "${NHA_NO_INSTALL:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
     tests)     # every GPU test file, 8 pytest-xdist workers (compiles dominate; a CUDA fault ends one worker only)
@@ -60,8 +62,14 @@ for step in "$@"; do
       # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault, the line before the
       # first "CONTEXT ALREADY BROKEN" names the faulting case; launches are synchronous for that)
       NHA_TEST_CASE_LOG="$OUT/cases" CUDA_LAUNCH_BLOCKING=${CUDA_LAUNCH_BLOCKING:-1} NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
-        python3 -m pytest -m gpu tests/test_properties.py -q -rf -n 8 -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
-      tail -30 "$OUT/properties_gpu.log" ;;
+        python3 -m pytest -m gpu tests/test_properties.py -q -rf -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
+      tail -30 "$OUT/properties_gpu.log"
+      # a fault: replay the faulting case alone, then under compute-sanitizer (memcheck)
+      for log in $(grep -l "CONTEXT ALREADY BROKEN" "$OUT"/cases.* 2>/dev/null | head -1); do
+        { timeout 90 python3 -m tests.replay_case "$log"
+          timeout 240 compute-sanitizer --tool memcheck --print-limit 8 python3 -m tests.replay_case "$log"; } \
+          > "$OUT/replay.log" 2>&1; tail -40 "$OUT/replay.log"
+      done ;;
     state-pass)   # chunk-state pass: scan vs walk at gpu-b and gpu-a (configs.STATE_PASS)
       { timeout 200 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-b --modes forward,backward --out "$OUT" \
           --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk \
