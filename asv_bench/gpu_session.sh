@@ -18,20 +18,22 @@ OUT=${OUT:-/tmp/nha_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1   # keep autotune results (fla's take minutes) on disk between commands
+# NHA_NO_INSTALL=1: wheels and package already installed (runs started side by side must not reinstall).
 # Carried wheels go into the interpreter's own environment (the GPU hosts are throwaway): asv
 # starts its benchmark processes without PYTHONPATH, so a --target folder would hide fla there.
-if ls .whl/*.whl >/dev/null 2>&1; then
+if [ -z "${NHA_NO_INSTALL:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade .whl/*.whl
 fi
-# NHA_NO_INSTALL=1: the package is already installed (runs started side by side must not reinstall it)
 [ -n "${NHA_NO_INSTALL:-}" ] || python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || cat "$OUT/install.log"
 [ -n "${NHA_NO_INSTALL:-}" ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for step in "$@"; do
   case "$step" in
-    tests)     # every GPU test file, 8 pytest-xdist workers (compiles dominate; a CUDA fault ends one worker only)
+    tests)     # every GPU test file, 8 pytest-xdist workers (compiles dominate; a CUDA fault poisons the rest of
+      # its worker's tests); -v names each result as it comes, so a log cut by the timeout still says what failed
       timeout ${NHA_TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_triton_gpu.py tests/test_cupy_gpu.py \
-        tests/test_naive_lowp.py -q -rf -n 8 -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1; tail -30 "$OUT/gpu_tests.log" ;;
+        tests/test_naive_lowp.py -v --tb=short -rf -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider ${NHA_TEST_K:+-k "$NHA_TEST_K"} \
+        > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -40 ;;
     repro-bf16)   # the bf16 slot-dot fault (asv_bench/triton_tuning_notes.md), one process per setting
       # (NHA_REPRO_SETTINGS: space-separated settings, each NAME=VALUE,NAME=VALUE; "" = the defaults)
       for setting in ${NHA_REPRO_SETTINGS:-"BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64"}; do

@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of every Triton kernel, compiled for a GPU we do not have.
 
-    python3 asv_bench/triton_resources.py [--shape gpu-a] [--dtype bfloat16,float32] [--arch 90]
+    python3 asv_bench/triton_resources.py [--shape gpu-a | --shape B,HQ,H,T,K,V,M,W] [--dtype bfloat16,float32] [--arch 90]
                                           [--kernel bwd_slot,bwd_q] [--set NAME=VALUE ...] [--dump DIR]
 
 Runs the real host code of ``forward``, ``backward`` and ``decode`` (backends/triton) on
@@ -43,11 +43,21 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 if not os.path.exists(CUOBJDUMP):
     CUOBJDUMP = shutil.which("cuobjdump") or CUOBJDUMP
 
-SHAPES = {  # name: B, HQ, H, T, K, M, W  (SPEC §6; K = V)
-    "gpu-a": (8, 16, 16, 4096, 64, 64, 512), "gpu-a64": (8, 16, 16, 4096, 64, 64, 64),
-    "gpu-b": (1, 16, 16, 32768, 64, 64, 2048), "gpu-c": (1, 16, 16, 16384, 128, 64, 512),
-    "decode": (64, 32, 8, 32768, 128, 64, 2048),
+SHAPES = {  # name: B, HQ, H, T, K, V, M, W  (SPEC §6)
+    "gpu-a": (8, 16, 16, 4096, 64, 64, 64, 512), "gpu-a64": (8, 16, 16, 4096, 64, 64, 64, 64),
+    "gpu-b": (1, 16, 16, 32768, 64, 64, 64, 2048), "gpu-c": (1, 16, 16, 16384, 128, 128, 64, 512),
+    "decode": (64, 32, 8, 32768, 128, 128, 64, 2048),
 }
+
+
+def shape_dims(text: str) -> tuple:
+    """A SHAPES name, or eight comma-separated integers B,HQ,H,T,K,V,M,W (e.g. a test case's)."""
+    if text in SHAPES:
+        return SHAPES[text]
+    dims = tuple(int(x) for x in text.split(","))
+    if len(dims) != 8:
+        raise ValueError(f"--shape {text!r}: a name of {sorted(SHAPES)} or B,HQ,H,T,K,V,M,W")
+    return dims
 
 
 class Capture:
@@ -102,16 +112,15 @@ def resource_usage(cubin: bytes) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", text.split("Function", 1)[1])}
 
 
-def run_host(shape, dtype):
-    """Call the Triton host functions at ``shape`` on meta tensors (launches are intercepted)."""
+def run_host(dims, dtype):
+    """Call the Triton host functions at ``dims`` (shape_dims) on meta tensors (launches are intercepted)."""
     from nha_core.problem import Problem
     from nha_core.state import NHAState
     from nha_core.backends.triton import backward as bwd
     from nha_core.backends.triton import decode as dec
     from nha_core.backends.triton import forward as fwd
 
-    B, HQ, H, T, K, M, W = SHAPES[shape]
-    V = K
+    B, HQ, H, T, K, V, M, W = dims
     dt = getattr(torch, dtype)
     dev = "meta"
     t = lambda *s, d=dt: torch.empty(*s, dtype=d, device=dev)  # noqa: E731
@@ -132,7 +141,7 @@ def run_host(shape, dtype):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="gpu-a", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="gpu-a", help=f"one of {sorted(SHAPES)} or B,HQ,H,T,K,V,M,W")
     ap.add_argument("--dtype", default="bfloat16,float32")
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--kernel", default="", help="comma-separated substrings: compile only these kernels")
@@ -140,6 +149,10 @@ def main(argv=None):
                     help="override backends/triton/configs.NAME (a Python literal)")
     ap.add_argument("--dump", metavar="DIR", help="write each compiled kernel's TTGIR and PTX there")
     args = ap.parse_args(argv)
+    try:
+        dims = shape_dims(args.shape)
+    except ValueError as error:
+        ap.error(str(error))
     from nha_core.backends.triton import configs
 
     try:
@@ -152,12 +165,12 @@ def main(argv=None):
     orig = _jit.JITFunction.run
     _jit.JITFunction.run = lambda fn, *a, **kw: cap.run(fn, *a, **kw)
     try:
-        print(f"# triton {triton.__version__}, sm_{args.arch}, shape {args.shape} {SHAPES[args.shape]} "
-              f"(B, HQ, H, T, K=V, M, W); overrides: {args.set or 'none'}")
+        print(f"# triton {triton.__version__}, sm_{args.arch}, shape {args.shape} {dims} "
+              f"(B, HQ, H, T, K, V, M, W); overrides: {args.set or 'none'}")
         print(f"{'dtype':9} {'kernel':22} {'regs':>5} {'spill B':>8} {'smem B':>7} {'warps':>5} {'stages':>6} {'wgmma/mma':>9} {'cvt':>4}  flags")
         for dtype in args.dtype.split(","):
             cap.rows = {}
-            run_host(args.shape, dtype)
+            run_host(dims, dtype)
             for r in cap.rows.values():
                 print(f"{dtype:9} {r['kernel']:22} {r['regs']:5d} {r['spills']:8d} {r['smem']:7d} {r['warps']:5d} "
                       f"{r['stages']:6d} {r['mma']:>9} {r['cvt']:4d}  {r['flags']}", flush=True)

@@ -4,8 +4,9 @@
     python3 -m tests.replay_case LOGFILE --line 12  # line 12 (1-based)
 
 Meant to run under ``compute-sanitizer`` on a GPU, where a fault found by the property suite
-poisons the context and hides which case caused it. It prints the case, then "clean" if both
-calls and a synchronize finished. ``NHA_TEST_TRITON_CONFIG`` applies as in the test suite.
+poisons the context and hides which case caused it. It prints the case, "clean" if both calls
+and a synchronize finished, then the relative error of every output and gradient against the
+fp64 reference on the rounded inputs (what the property compares; its tolerance adds a floor). ``NHA_TEST_TRITON_CONFIG`` applies as in the test suite.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import numpy as np
 
 import nha_core
 
-from .cases import Case, inputs
+from nha_core import reference
+
+from .cases import Case, inputs, rel_err
 
 
 def faulting_line(lines: list[str]) -> int:
@@ -67,6 +70,16 @@ def main():
     torch.cuda.synchronize() if args.device == "cuda" else None
     print("backward done:", {n: tuple(getattr(grads, n).shape) for n in ("dq", "dk", "dv", "dg")}, flush=True)
     print("clean")
+    host = lambda a: a.detach().double().cpu().numpy()  # noqa: E731
+    r = {n: host(a) for n, a in dev.items()}
+    ref_extra = dict(window_size=case.W, s=r.get("s"), q_slot=r.get("q_slot"), k_slot=r.get("k_slot"),
+                     cu_seqlens=case.cu_seqlens)
+    ref_o, ref_lse, _, _ = reference.forward(r["q"], r["k"], r["v"], r["g"], **ref_extra)
+    ref = reference.backward(host(do), r["q"], r["k"], r["v"], r["g"], **ref_extra)
+    errors = {"o": rel_err(host(o), ref_o), "lse": rel_err(host(lse), ref_lse)}
+    errors.update({n: rel_err(host(getattr(grads, n)), ref[n]) for n in ("dq", "dk", "dv", "dg", "ds", "dq_slot",
+                                                                        "dk_slot") if ref.get(n) is not None})
+    print("relative errors:", {n: f"{e:.2e}" for n, e in errors.items()})
 
 
 if __name__ == "__main__":

@@ -191,7 +191,9 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_read(
 // (double-buffered registers), and keeps its own online softmax; the streams merge once at the end.
 #define LR 16                            // lanes per row: 16 x 16 B covers a 256-byte bf16 row of 128
 #define NS (NT / LR)                     // row streams per block
-#define TR 2                             // rows per stream per step
+#ifndef TR
+#define TR 2                             // rows per stream per step (configs.DECODE_TR)
+#endif
 #define BR (NS * TR)                     // ring rows per block step (configs.DECODE_BR)
 #define VEC (16 / (int)sizeof(CACHE_T))  // elements per 16-byte load
 #define EL (DC * VEC)                    // elements of a row per lane: element (d*LR + lane)*VEC + e

@@ -92,6 +92,12 @@ WINDOW_SPLIT = True
 BF16_SLOT_DOTS = True
 # Smallest BM with bf16 slot dots (see slot_tile): 32 faulted as above, 64 did not.
 BF16_MIN_SLOT_TILE = 64
+# Smallest padded K and V with bf16 slot dots; narrower heads take the fp32-operand path of
+# float16 inputs (TF32 dots). On an H200 (Triton 3.6, 2026-12-02) the Hypothesis bf16 backward
+# property with BWD_BF16_DOTS ("state", "slot") faulted on B1-T1-HQ2-H2-K7-V1-M2-W0:
+# compute-sanitizer put an out-of-range shared-memory access in nha_bwd_slot's dks dot
+# ([64, 64]^T x [64, BK = 16]); see triton_tuning_notes.md for the default's runs.
+BF16_MIN_HEAD_TILE = 64
 # Dots of the fp32 slot operands of float16 inputs: "tf32x3" (Triton's split TF32: three TF32
 # products, about fp32 accuracy, 3x the tensor-core work of those dots) or "tf32" (one product,
 # operands rounded to TF32 in the kernel). With "tf32", dq came out at 2.44x the error of the
@@ -103,16 +109,20 @@ FP16_SLOT_DOTS = "tf32x3"
 # Smallest BM otherwise (see slot_tile).
 MIN_SLOT_TILE = 32
 # BT (chunk_rows) of the forward and of the backward, and the forward kernel's warps, when the
-# widest of K, V, M is 65..128 (gpu-c: K = V = 128). Never timed against each other: gpu-c's
+# widest of K, V, M is 65..128 (gpu-c: K = V = 128). Before they were timed, gpu-c's
 # first peer run (H200, 2026-12-02) ran the forward in 2.06 ms against FlexAttention's 0.29
 # and SDPA full causal's 1.97, five times gpu-a's time per token and head. ptxas (Triton 3.6,
 # sm_90, bf16 gpu-c): BT = 32 gives mma.sync only in every kernel; BT = 64 gives wgmma, the
 # forward kernel 254 registers without spills (8 warps; 88 B of spills at 4), the backward's
 # bwd_q 864 B and bwd_slot 1520 B of spills (424 / 1448 at BT = 32). Candidates timed by
 # `gpu_session.sh wide`.
-CHUNK_ROWS_128 = 32
+# Timed at gpu-c (H200, 2026-12-02, `gpu_session.sh wide`, same run, fp64 checks passing):
+# forward 2.056 ms (BT 32, 8 warps), 1.531 (BT 32, 4 warps), 0.865 (BT 64, 4 warps; the
+# forward kernel 1.319 -> 0.440 ms, the chunk-state scan 0.547 -> 0.274); the backward at
+# BT = 64 needs 295 KB of shared memory in nha_bwd_slot (the limit is 227 KB), so it keeps 32.
+CHUNK_ROWS_128 = 64
 BWD_CHUNK_ROWS_128 = 32
-FWD_WARPS_128 = 8
+FWD_WARPS_128 = 4
 
 
 def override(text: str) -> dict:
@@ -174,7 +184,7 @@ def num_warps(K: int, V: int, M: int) -> int:
     """Forward main kernel and decode: 4 warps. At gpu-a on an H200 the forward kernel ran 0.60 ms
     with 4 warps against 1.14 with 8, although 4 warps spill some of the slot-branch tiles
     (255 registers, 512 B of stack): 8 warps keep one 240-register program per SM, too little
-    to hide the window loop's latency. Wider tiles (> 64, untimed) keep 8 so they fit."""
+    to hide the window loop's latency. Wider tiles (65..128) take FWD_WARPS_128."""
     return 4 if max(pad(K), pad(V), pad(M)) <= 64 else FWD_WARPS_128
 
 

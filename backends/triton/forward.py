@@ -603,8 +603,10 @@ def lowp(p) -> bool:
     """bf16 operands for the slot-branch dots of bfloat16 inputs. float16 inputs keep fp32
     operands (TF32 dots): fp16's range cannot hold the factored decays (up to 2^58, SAFE_LIMIT),
     and rounding them to bf16 instead cost fp16 three mantissa bits, 3-80x the error of the same
-    computation done naively in float16 (SPEC section 5 allows 2x)."""
-    return p.dtype == "bfloat16" and configs.BF16_SLOT_DOTS
+    computation done naively in float16 (SPEC section 5 allows 2x). Heads narrower than
+    configs.BF16_MIN_HEAD_TILE (padded) keep fp32 operands too."""
+    return (p.dtype == "bfloat16" and configs.BF16_SLOT_DOTS
+            and min(configs.pad(p.K), configs.pad(p.V)) >= configs.BF16_MIN_HEAD_TILE)
 
 
 def operand_mode(p, bf16: bool | None = None) -> int:
