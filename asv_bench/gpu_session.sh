@@ -7,6 +7,7 @@
 #   bash asv_bench/gpu_session.sh bwd-dots  # bf16 operands in the backward's slot dots, checked and timed at gpu-a
 #   bash asv_bench/gpu_session.sh wide      # chunk rows / warps for K = V = 128, checked and timed at gpu-c
 #   bash asv_bench/gpu_session.sh decode-splits  # CuPy decode window splits, per-kernel times at the decode shape
+#   bash asv_bench/gpu_session.sh decode-stages  # CuPy decode through the cp.async ring: decode tests, then timed
 #   NHA_VARIANT="NAME=VALUE;..." bash asv_bench/gpu_session.sh variant-tests  # Triton GPU tests under those configs
 #   NHA_TEST_BACKENDS=cupy NHA_TEST_EXAMPLES=6 bash asv_bench/gpu_session.sh properties  # one backend per call:
 #     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
@@ -56,6 +57,14 @@ for step in "$@"; do
       timeout ${NHA_STEP_TIMEOUT_S:-150} python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT" \
         --variant default: --variant s2:DECODE_SPLITS=2 --variant s4:DECODE_SPLITS=4 --variant s6:DECODE_SPLITS=6 \
         --variant s8:DECODE_SPLITS=8 > "$OUT/decode_splits.log" 2>&1; grep -o '"variant": "[^"]*"\|"decode_kernels": {[^}]*}' "$OUT/decode_splits.log" ;;
+    decode-stages)   # CuPy decode: window rows through the cp.async ring (configs.DECODE_STAGES): the CuPy decode
+      # tests under it, then per-kernel times at the decode shape against the register prefetch (0)
+      NHA_TEST_CUPY_CONFIG="DECODE_STAGES=${NHA_STAGES:-3}" timeout 200 python3 -m pytest -m gpu tests/test_cupy_gpu.py \
+        tests/test_decode_long.py -k decode -v --tb=short -n 8 -p no:cacheprovider > "$OUT/decode_stages_tests.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/decode_stages_tests.log" | tail -20
+      timeout ${NHA_STEP_TIMEOUT_S:-150} python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT" \
+        --variant st0:DECODE_STAGES=0 --variant st2:DECODE_STAGES=2 --variant st3:DECODE_STAGES=3 --variant st0-again:DECODE_STAGES=0 \
+        > "$OUT/decode_stages.log" 2>&1; grep -o '"variant": "[^"]*"\|"decode_ms": [0-9.]*\|"nha_decode_window": [0-9.]*' "$OUT/decode_stages.log" ;;
     variant-tests)   # the Triton GPU tests (accuracy vs fp64 and vs the naive low-precision computation, tiny dims) under NHA_VARIANT
       NHA_TEST_TRITON_CONFIG="${NHA_VARIANT:?NHA_VARIANT=NAME=VALUE;...}" timeout ${NHA_TESTS_TIMEOUT_S:-240} \
         python3 -m pytest -m gpu tests/test_triton_gpu.py -q -rf -n 8 -p no:cacheprovider -k "${NHA_TEST_K:-low_precision or forward_backward or tiny_dims}" \

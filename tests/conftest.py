@@ -5,9 +5,11 @@ example database, so CI is reproducible), ``dev`` (random, few examples), ``nigh
 (many examples).
 
 ``NHA_TEST_TRITON_CONFIG="NAME=VALUE;NAME=VALUE"`` runs the tests with those settings of
-backends/triton/configs.py (values are Python literals), so a candidate setting is judged by the
-same tests as the defaults before it becomes one (asv_bench/gpu_session.sh, step variant-tests).
+backends/triton/configs.py (values are Python literals), ``NHA_TEST_CUPY_CONFIG`` likewise for
+backends/cupy/configs.py, so a candidate setting is judged by the same tests as the defaults
+before it becomes one (asv_bench/gpu_session.sh, step variant-tests; nha_core.settings).
 """
+import importlib
 import os
 
 import numpy as np
@@ -24,25 +26,26 @@ settings.register_profile("nightly", deadline=None, max_examples=1000,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+_OVERRIDES = pytest.StashKey[list]()
+
+
 def pytest_configure(config):
-    text = os.environ.get("NHA_TEST_TRITON_CONFIG", "").strip()
-    if not text:
-        return
-    from nha_core.backends.triton import configs
-
-    try:
-        configs.override(text)
-    except ValueError as error:
-        raise pytest.UsageError(f"NHA_TEST_TRITON_CONFIG: {error}") from None
-    config.stash[_OVERRIDES] = text
-
-
-_OVERRIDES = pytest.StashKey[str]()
+    applied = []
+    for env, backend in (("NHA_TEST_TRITON_CONFIG", "triton"), ("NHA_TEST_CUPY_CONFIG", "cupy")):
+        text = os.environ.get(env, "").strip()
+        if not text:
+            continue
+        configs = importlib.import_module(f"nha_core.backends.{backend}.configs")
+        try:
+            configs.override(text)
+        except ValueError as error:
+            raise pytest.UsageError(f"{env}: {error}") from None
+        applied.append(f"{backend} configs overridden: {text}")
+    config.stash[_OVERRIDES] = applied
 
 
 def pytest_report_header(config):
-    text = config.stash.get(_OVERRIDES, None)
-    return [f"triton configs overridden: {text}"] if text else []
+    return config.stash.get(_OVERRIDES, [])
 
 
 def _poisoned(make):

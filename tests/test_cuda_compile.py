@@ -18,6 +18,7 @@ SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 VARIANTS = {
     "float-RMAX32": ["-c"],
     "bf16-BT32-RMAX4-BG8-DC2-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DBT=32", "-DRMAX=4", "-DBG=8", "-DDC=2"],
+    "bf16-cache-STG3-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DCACHE_T=__nv_bfloat16", "-DSTG=3"],  # decode's cp.async ring
 }
 
 

@@ -263,18 +263,21 @@ def make_decode_state(case, dtype, rng):
     return st, state
 
 
-@pytest.mark.parametrize("variant", ["split", "per_head"])
+@pytest.mark.parametrize("variant", ["split", "split-stages3", "per_head"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_decode(name, dtype, variant, monkeypatch):
     """3 decode steps from a random state against reference.decode_step: o, lse, the slots, the ring
-    rows holding tokens and seen after every step."""
+    rows holding tokens and seen after every step. "split-stages3": the window rows go through the
+    cp.async ring (configs.DECODE_STAGES = 3) where decode_stages allows it, whatever the default."""
     from nha_core.backends.cupy import configs
 
     case = DECODE_CASES[name]
     HQ, H, K, V, M, W, seen, opt = case
     N = len(seen)
-    monkeypatch.setattr(configs, "DECODE_VARIANT", variant)
+    kernel_set, _, stages = variant.partition("-stages")
+    monkeypatch.setattr(configs, "DECODE_VARIANT", kernel_set)
+    monkeypatch.setattr(configs, "DECODE_STAGES", int(stages) if stages else configs.DECODE_STAGES)
     monkeypatch.setattr(configs, "DECODE_SPLITS", opt.get("splits"))
     _poison_cupy_empty(monkeypatch)
     rng = np.random.default_rng(3)

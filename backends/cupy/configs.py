@@ -108,7 +108,14 @@ def pick_bt(p) -> int:
 DECODE_VARIANT = "split"
 DECODE_SPLITS = None  # None: decode_splits() picks; an int forces the window splits (for timing sweeps)
 DECODE_LANES = 16  # lanes per key / value row (decode.cu LR): 16 x 16-byte loads cover a bf16 row of 128
-DECODE_BR = (NT // DECODE_LANES) * 2  # ring rows per window-block step (decode.cu BR = NS * TR, TR = 2)
+DECODE_TR = 2  # rows per lane group per step (decode.cu TR)
+DECODE_BR = (NT // DECODE_LANES) * DECODE_TR  # ring rows per window-block step (decode.cu BR = NS * TR)
+# Steps of window rows in flight through a cp.async ring in shared memory (decode.cu STG; 0: the next
+# step is prefetched in registers, one step in flight). At the spec decode shape nha_decode_window moved
+# 2.3 TB/s (0.230 ms, H200, 2026-12-02) with the register prefetch: 64 B in flight per thread, 32 KiB
+# per SM, and the 128-register cap (2 blocks of 256 threads) leaves no room for more (TR = 4 spilled
+# 420 B, ptxas). The ring holds STG - 1 steps in flight without registers (3: 48 KiB per block).
+DECODE_STAGES = 0
 DECODE_BG_MAX = 4  # query heads per window block at most (decode.cu BG); larger groups take several blocks
 DECODE_REG_BUDGET = 80  # registers for 2 * BG * EL (queries, accumulator) + 16 * DC (rows in flight):
                         # ptxas keeps nha_decode_window at <= 128 registers without spills (2 blocks of
@@ -134,6 +141,22 @@ def decode_tiles(G: int, K: int, V: int, cache_itemsize: int):
     while BG < min(G, DECODE_BG_MAX) and 2 * (2 * BG) * EL + 16 * DC <= DECODE_REG_BUDGET:
         BG *= 2
     return BG, DC
+
+
+def override(text: str) -> dict:
+    """Set settings of this module from ``"NAME=VALUE;..."`` (nha_core.settings.override)."""
+    from nha_core.settings import override as apply
+
+    return apply(globals(), text, "backends/cupy/configs.py")
+
+
+def decode_stages(DC: int) -> int:
+    """decode.cu STG: DECODE_STAGES, fewer where the ring [STG, TR, DC, 2, NT] of 16-byte chunks would
+    pass the 48 KiB of static shared memory, 0 (register prefetch) below 2."""
+    st = DECODE_STAGES
+    while st >= 2 and st * DECODE_TR * DC * 2 * NT * 16 > 48 * 1024:
+        st -= 1
+    return st if st >= 2 else 0
 
 
 def decode_splits(N: int, H: int, QB: int, W: int, sm_count: int):

@@ -192,8 +192,11 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_read(
 #define LR 16                            // lanes per row: 16 x 16 B covers a 256-byte bf16 row of 128
 #define NS (NT / LR)                     // row streams per block
 #ifndef TR
-#define TR 2                             // rows per stream per step (configs.DECODE_TR)
+#define TR 2                             // rows per stream per step
 #endif
+#ifndef STG
+#define STG 0                            // steps of the cp.async ring in shared memory (configs.DECODE_STAGES);
+#endif                                   // 0: the next step's rows are prefetched in registers
 #define BR (NS * TR)                     // ring rows per block step (configs.DECODE_BR)
 #define VEC (16 / (int)sizeof(CACHE_T))  // elements per 16-byte load
 #define EL (DC * VEC)                    // elements of a row per lane: element (d*LR + lane)*VEC + e
@@ -270,17 +273,109 @@ struct SlotSmem {
     float ml[2 * SG];                        // [SG, 2]
 };
 
+// One step of a row stream: TR rows (key chunks b_k, value chunks b_v of this lane) from ring row
+// base + t * NS + i_s; rows at or past r1 and row r_new are masked. Logits of the BG queries, online
+// softmax (b_m, b_l), value accumulation (b_acc).
+__device__ __forceinline__ void window_step(
+    const uint4 (&b_k)[TR][DC], const uint4 (&b_v)[TR][DC], int base, int i_s, int r1, int r_new,
+    const float (&b_q)[BG][EL], float (&b_acc)[BG][EL], float (&b_m)[BG], float (&b_l)[BG]) {
+    const CACHE_T* tag = nullptr;
+    float b_x[TR][BG];  // logits (log2 domain), then softmax weights
+#pragma unroll
+    for (int t = 0; t < TR; ++t) {
+        float f[EL];
+#pragma unroll
+        for (int d = 0; d < DC; ++d) to_float(b_k[t][d], f + d * VEC, tag);
+#pragma unroll
+        for (int g = 0; g < BG; ++g) {
+            float x = 0.f;
+#pragma unroll
+            for (int e = 0; e < EL; ++e) x = fmaf(b_q[g][e], f[e], x);
+#pragma unroll
+            for (int o = LR / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+            b_x[t][g] = x;
+        }
+        const int row = base + t * NS + i_s;
+        if (row >= r1 || row == r_new) {
+#pragma unroll
+            for (int g = 0; g < BG; ++g) b_x[t][g] = -INFINITY;
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < BG; ++g) {
+        float mt = b_x[0][g];
+#pragma unroll
+        for (int t = 1; t < TR; ++t) mt = fmaxf(mt, b_x[t][g]);
+        const float mn = fmaxf(b_m[g], mt);
+        const float corr = exp2_sub(b_m[g], mn);
+        float ps = 0.f;
+#pragma unroll
+        for (int t = 0; t < TR; ++t) {
+            b_x[t][g] = exp2_sub(b_x[t][g], mn);
+            ps += b_x[t][g];
+        }
+        b_l[g] = b_l[g] * corr + ps;
+        b_m[g] = mn;
+#pragma unroll
+        for (int e = 0; e < EL; ++e) b_acc[g][e] *= corr;
+    }
+#pragma unroll
+    for (int t = 0; t < TR; ++t) {
+        float f[EL];
+#pragma unroll
+        for (int d = 0; d < DC; ++d) to_float(b_v[t][d], f + d * VEC, tag);
+#pragma unroll
+        for (int g = 0; g < BG; ++g)
+#pragma unroll
+            for (int e = 0; e < EL; ++e) b_acc[g][e] = fmaf(b_x[t][g], f[e], b_acc[g][e]);
+    }
+}
+
+#if STG > 0
+// cp.async (sm_80+): 16 bytes global -> shared, bypassing L1; src_size 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Ring of STG steps in shared memory [STG][TR][DC][2 (key, value)][NT] 16-byte chunks: each thread
+// copies, and later reads back, only its own chunks, so no barrier is needed between the two.
+typedef uint4 WindowRing[STG][TR][DC][2][NT];
+typedef WindowRing* WindowRingPtr;
+
+// Start the copies of one step (rows base + t * NS + i_s) into ring slot st, as one commit group.
+__device__ __forceinline__ void window_issue(WindowRing& ring, int st, const CACHE_T* __restrict__ p_k,
+                                             const CACHE_T* __restrict__ p_v, i64 o_rk, i64 o_rv, int base,
+                                             int i_s, int c, int r1, int r_new, int K, int V) {
+#pragma unroll
+    for (int t = 0; t < TR; ++t) {
+        const int row = base + t * NS + i_s;
+        const bool ok = row < r1 && row != r_new;
+#pragma unroll
+        for (int d = 0; d < DC; ++d) {
+            const int kb = (d * LR + c) * VEC;
+            cp_async16(&ring[st][t][d][0][threadIdx.x], ok && kb < K ? p_k + row * o_rk + kb : p_k, ok && kb < K);
+            cp_async16(&ring[st][t][d][1][threadIdx.x], ok && kb < V ? p_v + row * o_rv + kb : p_v, ok && kb < V);
+        }
+    }
+    cp_async_commit();
+}
+#else
+typedef void* WindowRingPtr;  // no ring: the register-prefetch loop only
+#endif
+
 // Window split j of query chunk qb for (n, h): partial j of the BG query heads hq0 .. hq0+gq-1.
 __device__ __forceinline__ void window_part(
     const IN_T* __restrict__ q_t, const CACHE_T* __restrict__ k_cache, const CACHE_T* __restrict__ v_cache,
-    i64 s_n, float* __restrict__ part_acc, float* __restrict__ part_ml, WindowSmem& sm, int n, int h, int qb,
-    int j, int P, int HQ, int H, int K, int V, int W, int RS, bool vec_k, bool vec_v, float qscale) {
+    i64 s_n, float* __restrict__ part_acc, float* __restrict__ part_ml, WindowSmem& sm, WindowRingPtr ring, int n,
+    int h, int qb, int j, int P, int HQ, int H, int K, int V, int W, int RS, bool vec_k, bool vec_v, float qscale) {
     const int tid = threadIdx.x, c = tid % LR, i_s = tid / LR, lane = tid % 32, i_w = tid / 32;
     const int G = HQ / H, gq = min(BG, G - qb * BG), hq0 = h * G + qb * BG;
     const int n_valid = (int)min(s_n + 1, (i64)W);  // rows 0 .. n_valid-1 hold tokens, except r_new
     const int r_new = (int)(s_n % W);               // the evicted token's row (or unwritten if s < W)
     const int r0 = j * RS, r1 = min(r0 + RS, n_valid);
-    const CACHE_T* tag = nullptr;
 
     float b_q[BG][EL];  // [BG, EL] queries of this lane's key elements, times scale * log2(e)
 #pragma unroll
@@ -304,86 +399,67 @@ __device__ __forceinline__ void window_part(
     const i64 o_rk = (i64)H * K, o_rv = (i64)H * V;  // ring row strides
     const CACHE_T* p_k = k_cache + ((i64)n * W * H + h) * K;
     const CACHE_T* p_v = v_cache + ((i64)n * W * H + h) * V;
-    uint4 b_kn[TR][DC], b_vn[TR][DC];  // the next step's rows, loaded one step ahead
+#if STG > 0
+    if (vec_k && vec_v) {  // STG - 1 steps in flight through shared memory (whole 16-byte chunks only)
+        const int steps = r1 > r0 ? (r1 - r0 + BR - 1) / BR : 0;
 #pragma unroll
-    for (int t = 0; t < TR; ++t) {
-        const int row = r0 + t * NS + i_s;
-        const bool ok = row < r1 && row != r_new;
-#pragma unroll
-        for (int d = 0; d < DC; ++d) {
-            b_kn[t][d] = ok ? ld_chunk(p_k + row * o_rk, (d * LR + c) * VEC, K, vec_k) : make_uint4(0u, 0u, 0u, 0u);
-            b_vn[t][d] = ok ? ld_chunk(p_v + row * o_rv, (d * LR + c) * VEC, V, vec_v) : make_uint4(0u, 0u, 0u, 0u);
+        for (int i = 0; i < STG - 1; ++i) {
+            if (i < steps) window_issue(*ring, i, p_k, p_v, o_rk, o_rv, r0 + i * BR, i_s, c, r1, r_new, K, V);
+            else cp_async_commit();  // empty groups keep the count: step i is group i
         }
-    }
-    for (int base = r0; base < r1; base += BR) {  // the same trip count for every thread of the block
-        uint4 b_k[TR][DC], b_v[TR][DC];  // [TR, 16 B x DC] this step's key and value chunks
+        for (int i = 0; i < steps; ++i) {
+            const int ahead = i + STG - 1;  // its slot was read back (into registers) at step i - 1
+            if (ahead < steps) window_issue(*ring, ahead % STG, p_k, p_v, o_rk, o_rv, r0 + ahead * BR, i_s, c, r1, r_new, K, V);
+            else cp_async_commit();
+            cp_async_wait<STG - 1>();  // groups 0 .. i are complete
+            uint4 b_k[TR][DC], b_v[TR][DC];
+            const int st = i % STG;
 #pragma unroll
-        for (int t = 0; t < TR; ++t)
-#pragma unroll
-            for (int d = 0; d < DC; ++d) {
-                b_k[t][d] = b_kn[t][d];
-                b_v[t][d] = b_vn[t][d];
-            }
-        if (base + BR < r1) {
-#pragma unroll
-            for (int t = 0; t < TR; ++t) {
-                const int row = base + BR + t * NS + i_s;
-                const bool ok = row < r1 && row != r_new;
+            for (int t = 0; t < TR; ++t)
 #pragma unroll
                 for (int d = 0; d < DC; ++d) {
-                    b_kn[t][d] = ok ? ld_chunk(p_k + row * o_rk, (d * LR + c) * VEC, K, vec_k) : make_uint4(0u, 0u, 0u, 0u);
-                    b_vn[t][d] = ok ? ld_chunk(p_v + row * o_rv, (d * LR + c) * VEC, V, vec_v) : make_uint4(0u, 0u, 0u, 0u);
+                    b_k[t][d] = (*ring)[st][t][d][0][threadIdx.x];
+                    b_v[t][d] = (*ring)[st][t][d][1][threadIdx.x];
+                }
+            window_step(b_k, b_v, r0 + i * BR, i_s, r1, r_new, b_q, b_acc, b_m, b_l);
+        }
+        cp_async_wait<0>();
+    } else
+#endif
+    {
+        uint4 b_kn[TR][DC], b_vn[TR][DC];  // the next step's rows, loaded one step ahead (registers)
+#pragma unroll
+        for (int t = 0; t < TR; ++t) {
+            const int row = r0 + t * NS + i_s;
+            const bool ok = row < r1 && row != r_new;
+#pragma unroll
+            for (int d = 0; d < DC; ++d) {
+                b_kn[t][d] = ok ? ld_chunk(p_k + row * o_rk, (d * LR + c) * VEC, K, vec_k) : make_uint4(0u, 0u, 0u, 0u);
+                b_vn[t][d] = ok ? ld_chunk(p_v + row * o_rv, (d * LR + c) * VEC, V, vec_v) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+        for (int base = r0; base < r1; base += BR) {  // the same trip count for every thread of the block
+            uint4 b_k[TR][DC], b_v[TR][DC];  // [TR, 16 B x DC] this step's key and value chunks
+#pragma unroll
+            for (int t = 0; t < TR; ++t)
+#pragma unroll
+                for (int d = 0; d < DC; ++d) {
+                    b_k[t][d] = b_kn[t][d];
+                    b_v[t][d] = b_vn[t][d];
+                }
+            if (base + BR < r1) {
+#pragma unroll
+                for (int t = 0; t < TR; ++t) {
+                    const int row = base + BR + t * NS + i_s;
+                    const bool ok = row < r1 && row != r_new;
+#pragma unroll
+                    for (int d = 0; d < DC; ++d) {
+                        b_kn[t][d] = ok ? ld_chunk(p_k + row * o_rk, (d * LR + c) * VEC, K, vec_k) : make_uint4(0u, 0u, 0u, 0u);
+                        b_vn[t][d] = ok ? ld_chunk(p_v + row * o_rv, (d * LR + c) * VEC, V, vec_v) : make_uint4(0u, 0u, 0u, 0u);
+                    }
                 }
             }
-        }
-        float b_x[TR][BG];  // logits (log2 domain), then softmax weights
-#pragma unroll
-        for (int t = 0; t < TR; ++t) {
-            float f[EL];
-#pragma unroll
-            for (int d = 0; d < DC; ++d) to_float(b_k[t][d], f + d * VEC, tag);
-#pragma unroll
-            for (int g = 0; g < BG; ++g) {
-                float x = 0.f;
-#pragma unroll
-                for (int e = 0; e < EL; ++e) x = fmaf(b_q[g][e], f[e], x);
-#pragma unroll
-                for (int o = LR / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-                b_x[t][g] = x;
-            }
-            const int row = base + t * NS + i_s;
-            if (row >= r1 || row == r_new) {
-#pragma unroll
-                for (int g = 0; g < BG; ++g) b_x[t][g] = -INFINITY;
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < BG; ++g) {
-            float mt = b_x[0][g];
-#pragma unroll
-            for (int t = 1; t < TR; ++t) mt = fmaxf(mt, b_x[t][g]);
-            const float mn = fmaxf(b_m[g], mt);
-            const float corr = exp2_sub(b_m[g], mn);
-            float ps = 0.f;
-#pragma unroll
-            for (int t = 0; t < TR; ++t) {
-                b_x[t][g] = exp2_sub(b_x[t][g], mn);
-                ps += b_x[t][g];
-            }
-            b_l[g] = b_l[g] * corr + ps;
-            b_m[g] = mn;
-#pragma unroll
-            for (int e = 0; e < EL; ++e) b_acc[g][e] *= corr;
-        }
-#pragma unroll
-        for (int t = 0; t < TR; ++t) {
-            float f[EL];
-#pragma unroll
-            for (int d = 0; d < DC; ++d) to_float(b_v[t][d], f + d * VEC, tag);
-#pragma unroll
-            for (int g = 0; g < BG; ++g)
-#pragma unroll
-                for (int e = 0; e < EL; ++e) b_acc[g][e] = fmaf(b_x[t][g], f[e], b_acc[g][e]);
+            window_step(b_k, b_v, base, i_s, r1, r_new, b_q, b_acc, b_m, b_l);
         }
     }
 
@@ -596,8 +672,13 @@ extern "C" __global__ void __launch_bounds__(NT, 2) nha_decode_window(
     const CACHE_T* __restrict__ s_cache, const CACHE_T* __restrict__ k_slot_cache, const i64* __restrict__ seen,
     float* __restrict__ hk, float* __restrict__ hv, float* __restrict__ part_acc, float* __restrict__ part_ml,
     int HQ, int H, int K, int V, int M, int W, int S, int RS, int vec_k, int vec_v, float qscale) {
-    __shared__ WindowSmem sm_w;
-    __shared__ SlotSmem sm_s;
+    __shared__ union {  // a block is a slot block or a window block; the ring is used before sm_w
+        WindowSmem w;
+        SlotSmem s;
+#if STG > 0
+        WindowRing ring;
+#endif
+    } sm;
     const int G = HQ / H, QB = (G + BG - 1) / BG, NP = S * QB + 1, P = S + 1;
     const i64 i_pair = (i64)blockIdx.x / NP;
     const int part = (int)((i64)blockIdx.x % NP);
@@ -605,10 +686,15 @@ extern "C" __global__ void __launch_bounds__(NT, 2) nha_decode_window(
     const i64 s_n = seen[n];
     if (part == S * QB) {
         slot_part(v_t, g_t, s_t, q_slot_t, k_slot_t, k_cache, v_cache, g_cache, s_cache, k_slot_cache, s_n, hk, hv,
-                  part_acc, part_ml, sm_s, n, h, S, P, HQ, H, K, V, M, W, qscale);
+                  part_acc, part_ml, sm.s, n, h, S, P, HQ, H, K, V, M, W, qscale);
     } else {  // S >= 1 implies W >= 2
-        window_part(q_t, k_cache, v_cache, s_n, part_acc, part_ml, sm_w, n, h, part / S, part % S, P, HQ, H, K, V,
-                    W, RS, vec_k != 0, vec_v != 0, qscale);
+#if STG > 0
+        WindowRingPtr ring = &sm.ring;
+#else
+        WindowRingPtr ring = nullptr;
+#endif
+        window_part(q_t, k_cache, v_cache, s_n, part_acc, part_ml, sm.w, ring, n, h, part / S, part % S, P, HQ, H,
+                    K, V, W, RS, vec_k != 0, vec_v != 0, qscale);
     }
 }
 

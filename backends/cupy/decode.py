@@ -74,7 +74,8 @@ def _decode_split(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
     QB = -(-G // BG)
     S, RS = configs.decode_splits(N, H, QB, W, _sm_count(q.device.id))
     P = S + 1
-    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], BG=BG, DC=DC)
+    mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], BG=BG, DC=DC, TR=configs.DECODE_TR,
+                  STG=configs.decode_stages(DC))
     vec = 16 // itemsize  # 16-byte loads need whole, aligned chunks in every row
     vec_k = int(K % vec == 0 and state.k_cache.data.ptr % 16 == 0)
     vec_v = int(V % vec == 0 and state.v_cache.data.ptr % 16 == 0)

@@ -126,23 +126,10 @@ FWD_WARPS_128 = 4
 
 
 def override(text: str) -> dict:
-    """Set this module's settings from ``"NAME=VALUE;NAME=VALUE"`` (values are Python literals) and
-    return them: how a candidate setting is judged by the tests (tests/conftest.py,
-    NHA_TEST_TRITON_CONFIG) and timed by the peer benchmark (asv_bench/compare.py
-    --triton-config) before it becomes a default."""
-    import ast
+    """Set settings of this module from ``"NAME=VALUE;..."`` (nha_core.settings.override)."""
+    from nha_core.settings import override as apply
 
-    settings = {}
-    for item in filter(None, (part.strip() for part in text.split(";"))):
-        name, sep, value = (x.strip() for x in item.partition("="))
-        if not sep or not name.isupper() or name not in globals():
-            raise ValueError(f"triton config override {item!r}: backends/triton/configs.py has no setting {name!r}")
-        try:
-            settings[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError) as error:
-            raise ValueError(f"triton config override {item!r}: the value is not a Python literal ({error})") from None
-    globals().update(settings)
-    return settings
+    return apply(globals(), text, "backends/triton/configs.py")
 
 
 def next_pow2(n: int) -> int:
