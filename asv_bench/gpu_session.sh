@@ -73,7 +73,8 @@ for step in "$@"; do
       # every case is logged before it runs ($OUT/cases.gw*: after a CUDA fault, the line before the
       # first "CONTEXT ALREADY BROKEN" names the faulting case; launches are synchronous for that)
       NHA_TEST_CASE_LOG="$OUT/cases" CUDA_LAUNCH_BLOCKING=${CUDA_LAUNCH_BLOCKING:-1} NHA_TEST_DEVICE=cuda NHA_TEST_EXAMPLES=${NHA_TEST_EXAMPLES:-12} timeout ${NHA_TESTS_TIMEOUT_S:-420} \
-        python3 -m pytest -m gpu tests/test_properties.py -q -rf -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider > "$OUT/properties_gpu.log" 2>&1
+        python3 -m pytest -m gpu tests/test_properties.py -q -rf -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider ${NHA_TEST_K:+-k "$NHA_TEST_K"} \
+        > "$OUT/properties_gpu.log" 2>&1
       tail -30 "$OUT/properties_gpu.log"
       # a fault: replay the faulting case alone, then under compute-sanitizer (memcheck)
       for log in $(grep -l "CONTEXT ALREADY BROKEN" "$OUT"/cases.* 2>/dev/null | head -1); do

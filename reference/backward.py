@@ -33,11 +33,15 @@ def _probs(logits):
 
 
 def backward(do, q, k, v, g, *, window_size, s=None, q_slot=None, k_slot=None, scale=None,
-             hk0=None, hv0=None, cu_seqlens=None):
+             hk0=None, hv0=None, cu_seqlens=None, o=None):
     """Gradients of ``sum(o * do)`` for ``o = forward(q, k, v, g, ...)`` (lse and final state
     are not part of the loss).
 
-    do [B,T,HQ,V]; the other arguments exactly as ``reference.forward``. Returns a dict of
+    do [B,T,HQ,V]; the other arguments exactly as ``reference.forward``, except ``o``
+    [B,T,HQ,V]: the output the softmax backward's row term ``do_t . o_t`` takes (default: the
+    exact output). A backend's backward receives the forward's output in the input dtype and
+    builds that term from it, as FlashAttention does; pass that rounded output here to measure
+    the backward's arithmetic alone. Returns a dict of
     float64 arrays shaped like the inputs:
       dq [B,T,HQ,K], dk [B,T,H,K], dv [B,T,H,V], dg [B,T,H,M],
       ds [B,T,H,M]  or None when s was derived (then dg includes the path through s = 1 - exp(g)),
@@ -47,6 +51,7 @@ def backward(do, q, k, v, g, *, window_size, s=None, q_slot=None, k_slot=None, s
     x = prepare(q, k, v, g, window_size=window_size, s=s, q_slot=q_slot, k_slot=k_slot,
                 scale=scale, hk0=hk0, hv0=hv0, cu_seqlens=cu_seqlens)
     do = np.asarray(do, dtype=np.float64)
+    given_o = None if o is None else np.asarray(o, dtype=np.float64)
     W, G, M, sc = x.W, x.G, x.M, x.scale
     dq, dk, dv = np.zeros_like(x.q), np.zeros_like(x.k), np.zeros_like(x.v)
     dg, ds = np.zeros_like(x.g), np.zeros_like(x.g)
@@ -77,7 +82,7 @@ def backward(do, q, k, v, g, *, window_size, s=None, q_slot=None, k_slot=None, s
                 qs_t, q_t, do_t = x.q_slot[b, t, heads], x.q[b, t, heads], do[b, t, heads]
                 logits = np.concatenate([sc * qs_t @ hk, sc * q_t @ k_win.T], axis=1)   # [G, M + nw]
                 values = np.concatenate([hv, v_win], axis=0)                            # [M + nw, V]
-                o_t, _ = softmax_read(logits, values)
+                o_t = softmax_read(logits, values)[0] if given_o is None else given_o[b, t, heads]
                 p = _probs(logits)
                 dl = p * (do_t @ values.T - (do_t * o_t).sum(axis=1, keepdims=True))   # [G, M + nw]
                 dls, dlw = dl[:, :M], dl[:, M:]

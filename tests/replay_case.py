@@ -6,7 +6,8 @@
 Meant to run under ``compute-sanitizer`` on a GPU, where a fault found by the property suite
 poisons the context and hides which case caused it. It prints the case, "clean" if both calls
 and a synchronize finished, then the relative error of every output and gradient against the
-fp64 reference on the rounded inputs (what the property compares; its tolerance adds a floor). ``NHA_TEST_TRITON_CONFIG`` applies as in the test suite.
+fp64 reference on the rounded inputs, and the backward property's verdict per gradient (error,
+bound, ok/FAIL). ``NHA_TEST_TRITON_CONFIG`` applies as in the test suite.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import nha_core
 
 from nha_core import reference
 
-from .cases import Case, inputs, rel_err
+from .cases import Case, gradient_check, inputs, rel_err
 
 
 def faulting_line(lines: list[str]) -> int:
@@ -80,6 +81,15 @@ def main():
     errors.update({n: rel_err(host(getattr(grads, n)), ref[n]) for n in ("dq", "dk", "dv", "dg", "ds", "dq_slot",
                                                                         "dk_slot") if ref.get(n) is not None})
     print("relative errors:", {n: f"{e:.2e}" for n, e in errors.items()})
+    # The backward property's verdict (tests/test_properties.py): the reference takes the o the
+    # backward was given; the floor's scale is the unrounded do; dg only on easy gates.
+    given = reference.backward(host(do), r["q"], r["k"], r["v"], r["g"], o=host(o), **ref_extra)
+    do64 = np.random.default_rng(case.seed + 1).standard_normal(o.shape)
+    where = "cuda" if dtype in ("float16", "bfloat16") else ("cpu" if args.device == "cpu" else "cuda")
+    names = ["dq", "dk", "dv", "ds", "dq_slot", "dk_slot"] + ([] if case.hard_gates else ["dg"])
+    for name in (n for n in names if given.get(n) is not None):
+        err, bound = gradient_check(host(getattr(grads, name)), given[name], do64, case, dtype, where)
+        print(f"property {name}: error {err:.3e} bound {bound:.3e} {'ok' if err <= bound else 'FAIL'}")
 
 
 if __name__ == "__main__":

@@ -263,13 +263,14 @@ def make_decode_state(case, dtype, rng):
     return st, state
 
 
-@pytest.mark.parametrize("variant", ["split", "split-stages3", "per_head"])
+@pytest.mark.parametrize("variant", ["split", "split-stages0", "split-stages3", "per_head"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_decode(name, dtype, variant, monkeypatch):
     """3 decode steps from a random state against reference.decode_step: o, lse, the slots, the ring
-    rows holding tokens and seen after every step. "split-stages3": the window rows go through the
-    cp.async ring (configs.DECODE_STAGES = 3) where decode_stages allows it, whatever the default."""
+    rows holding tokens and seen after every step. "split-stages0" / "split-stages3": the window rows
+    through the register prefetch / the cp.async ring (configs.DECODE_STAGES = 0 / 3, the ring where
+    decode_stages allows it), whatever the default."""
     from nha_core.backends.cupy import configs
 
     case = DECODE_CASES[name]

@@ -114,8 +114,11 @@ DECODE_BR = (NT // DECODE_LANES) * DECODE_TR  # ring rows per window-block step 
 # step is prefetched in registers, one step in flight). At the spec decode shape nha_decode_window moved
 # 2.3 TB/s (0.230 ms, H200, 2026-12-02) with the register prefetch: 64 B in flight per thread, 32 KiB
 # per SM, and the 128-register cap (2 blocks of 256 threads) leaves no room for more (TR = 4 spilled
-# 420 B, ptxas). The ring holds STG - 1 steps in flight without registers (3: 48 KiB per block).
-DECODE_STAGES = 0
+# 420 B, ptxas). The ring holds STG - 1 steps in flight without registers (3: 48 KiB per block):
+# nha_decode_window 0.2042 ms against 0.2285 / 0.2279 with the register prefetch before and after
+# it (same run, H200, 2026-12-03, asv_bench/tune_results/2026-12-03-h200/decode-stages.log), the
+# GPU suite's decode tests passing under it (test_decode[split-stages3]).
+DECODE_STAGES = 3
 DECODE_BG_MAX = 4  # query heads per window block at most (decode.cu BG); larger groups take several blocks
 DECODE_REG_BUDGET = 80  # registers for 2 * BG * EL (queries, accumulator) + 16 * DC (rows in flight):
                         # ptxas keeps nha_decode_window at <= 128 registers without spills (2 blocks of

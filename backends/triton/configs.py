@@ -49,15 +49,14 @@ SAFE_LIMIT = 40.0
 # (2026-12-02, asv_bench/triton_tuning_notes.md): "q" + "slot" took the backward from 5.11 to
 # 4.04 ms but put dq at 2.4x the naive bf16 error on a pure-slot case (SPEC allows 2x);
 # "slot_kv" saved 1.5% of its kernel; "q_probs" + "slot" 4.15 ms, the same dq case failing.
-# "slot" alone: 5.04 -> 4.42 ms (same run) and the Triton GPU accuracy tests all pass under it,
-# but the Hypothesis backward property (tests/test_properties.py, bfloat16, 6 examples) then hit
-# an illegal memory access on a small drawn case; which example faulted is unknown (the fault
-# poisons the CUDA context, every later example fails too) and no GPU run of the old default is
-# known to have finished that test, so "slot" waits for a run that isolates the fault
-# (gpu_session.sh properties logs every case under CUDA_LAUNCH_BLOCKING now).
+# "slot" alone: 5.04 -> 4.42 ms (same run) and the Triton GPU accuracy tests all pass under it.
+# The Hypothesis backward property then hit an illegal memory access, isolated on 2026-12-02 to
+# bf16 dots on 16-wide heads (NARROW_HEAD_TILE); with narrow heads on IEEE dots, the bf16 and
+# fp32 backward properties (6 examples) and the accuracy tests passed under "slot" on an H200
+# (2026-12-03, asv_bench/tune_results/2026-12-03-h200/), so "slot" is on.
 # bwd_state's dots only build dH, which is stored in bf16 anyway: 252 -> 134 registers per
 # thread (asv_bench/triton_resources.py).
-BWD_BF16_DOTS = ("state",)
+BWD_BF16_DOTS = ("state", "slot")
 # Chunk states Hk_c, Hv_c recomputed in bf16 (half the bytes: 2 x 134 MB fp32 at gpu-a, read by
 # bwd_q and bwd_slot). Off: dg 1.30e-2 -> 1.58e-2 on the explicit-s case, too close to 2e-2.
 BWD_BF16_STATES = False
@@ -92,12 +91,16 @@ WINDOW_SPLIT = True
 BF16_SLOT_DOTS = True
 # Smallest BM with bf16 slot dots (see slot_tile): 32 faulted as above, 64 did not.
 BF16_MIN_SLOT_TILE = 64
-# Smallest padded K and V with bf16 slot dots; narrower heads take the fp32-operand path of
-# float16 inputs (TF32 dots). On an H200 (Triton 3.6, 2026-12-02) the Hypothesis bf16 backward
-# property with BWD_BF16_DOTS ("state", "slot") faulted on B1-T1-HQ2-H2-K7-V1-M2-W0:
-# compute-sanitizer put an out-of-range shared-memory access in nha_bwd_slot's dks dot
-# ([64, 64]^T x [64, BK = 16]); see triton_tuning_notes.md for the default's runs.
-BF16_MIN_HEAD_TILE = 64
+# Heads whose padded K or V is below this take fp32 slot operands on IEEE dots, whatever the
+# input dtype (forward.narrow); speed does not matter there, and the tensor-core paths of small
+# tiles broke in three ways on an H200 (Triton 3.6): bf16 slot dots in nha_bwd_slot's dks dot
+# ([64, 64]^T x [64, BK = 16]) read shared memory out of range (compute-sanitizer, property case
+# B1-T1-HQ2-H2-K7-V1-M2-W0, BWD_BF16_DOTS ("state", "slot"), 2026-12-02); float16's split-TF32
+# dots faulted on B1-T1-HQ2-H2-K7-V8-M2-W0 (tests/test_triton_gpu.py::test_tiny_dims_run_clean,
+# 2026-12-03); and TF32 operands on bfloat16's big-logit property case
+# B1-T1-HQ2-H2-K7-V8-M5-W0 (logits ~1e3) gave ds 1.2 against the bound 0.55 (interpreter,
+# TF32 rounding emulated). See triton_tuning_notes.md.
+NARROW_HEAD_TILE = 64
 # Dots of the fp32 slot operands of float16 inputs: "tf32x3" (Triton's split TF32: three TF32
 # products, about fp32 accuracy, 3x the tensor-core work of those dots) or "tf32" (one product,
 # operands rounded to TF32 in the kernel). With "tf32", dq came out at 2.44x the error of the

@@ -599,33 +599,37 @@ def _plan_tables(lens: tuple, BT: int, device: str):
     return cu, chunk_off, block_map, len(blocks), rows
 
 
+def narrow(p) -> bool:
+    """Heads padded below configs.NARROW_HEAD_TILE: fp32 slot operands on IEEE dots."""
+    return min(configs.pad(p.K), configs.pad(p.V)) < configs.NARROW_HEAD_TILE
+
+
 def lowp(p) -> bool:
     """bf16 operands for the slot-branch dots of bfloat16 inputs. float16 inputs keep fp32
     operands (TF32 dots): fp16's range cannot hold the factored decays (up to 2^58, SAFE_LIMIT),
     and rounding them to bf16 instead cost fp16 three mantissa bits, 3-80x the error of the same
-    computation done naively in float16 (SPEC section 5 allows 2x). Heads narrower than
-    configs.BF16_MIN_HEAD_TILE (padded) keep fp32 operands too."""
-    return (p.dtype == "bfloat16" and configs.BF16_SLOT_DOTS
-            and min(configs.pad(p.K), configs.pad(p.V)) >= configs.BF16_MIN_HEAD_TILE)
+    computation done naively in float16 (SPEC section 5 allows 2x). Narrow heads (``narrow``)
+    keep fp32 operands too."""
+    return p.dtype == "bfloat16" and configs.BF16_SLOT_DOTS and not narrow(p)
 
 
 def operand_mode(p, bf16: bool | None = None) -> int:
     """The kernels' LOWP: OP_BF16 where bf16 operands are chosen (``bf16``, default lowp(p)),
-    else OP_FP32 for fp32 inputs (IEEE dots) and for float16 inputs on split-TF32 dots
-    (configs.FP16_SLOT_DOTS "tf32x3"), OP_TF32 for the other 16-bit cases (TF32 dots)."""
-    use_bf16 = lowp(p) if bf16 is None else bf16
+    else OP_FP32 for fp32 inputs and narrow heads (IEEE dots) and for float16 inputs on
+    split-TF32 dots (configs.FP16_SLOT_DOTS "tf32x3"), OP_TF32 for the other 16-bit cases."""
+    use_bf16 = (lowp(p) if bf16 is None else bf16) and not narrow(p)
     if use_bf16:
         return OP_BF16
-    if p.dtype == "float32" or (p.dtype == "float16" and configs.FP16_SLOT_DOTS == "tf32x3"):
+    if p.dtype == "float32" or narrow(p) or (p.dtype == "float16" and configs.FP16_SLOT_DOTS == "tf32x3"):
         return OP_FP32
     return OP_TF32
 
 
 def dot_precision(p) -> str:
-    """fp32 inputs need IEEE fp32 dots (SPEC section 5: 1e-3 on GPU); float16 inputs take
-    configs.FP16_SLOT_DOTS for their fp32 slot operands; bfloat16 inputs TF32 where a slot dot
-    has fp32 operands. Dots of 16-bit operands (the window's) ignore it."""
-    if p.dtype == "float32":
+    """fp32 inputs and narrow heads take IEEE fp32 dots (SPEC section 5: 1e-3 on GPU); float16
+    inputs configs.FP16_SLOT_DOTS for their fp32 slot operands; bfloat16 inputs TF32 where a
+    slot dot has fp32 operands. Dots of 16-bit operands (the window's) ignore it."""
+    if p.dtype == "float32" or narrow(p):
         return "ieee"
     return configs.FP16_SLOT_DOTS if p.dtype == "float16" else "tf32"
 
