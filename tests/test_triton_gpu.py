@@ -118,10 +118,10 @@ TINY_CASES = [
 def test_tiny_dims_run_clean(case, dtype):
     """Dims far below a tile (16-wide padded K, V; M padded to 32 or 64), as the Hypothesis
     properties draw them: every kernel finishes without a CUDA fault and every output and
-    gradient is finite. (The bf16 backward property hit an illegal memory access with bf16 slot
-    dots in nha_bwd_slot on an H200, 2026-12-02, case unknown; the other cases here have dims of
-    32 and more. Accuracy at these sizes is the properties' job: their tolerance has the noise
-    floor that a handful of elements needs.)"""
+    gradient is finite. On an H200 bf16 slot dots (2026-12-02) and float16 split-TF32 dots
+    (2026-12-03, the K7 float16 case here) faulted at such sizes, hence configs.NARROW_HEAD_TILE;
+    the other GPU cases have dims of 32 and more. Accuracy at these sizes is the properties' job:
+    their tolerance has the noise floor that a handful of elements needs."""
     from nha_core.backends.triton.backward import backward
     from nha_core.backends.triton.forward import forward
 
