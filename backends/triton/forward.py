@@ -617,7 +617,7 @@ def operand_mode(p, bf16: bool | None = None) -> int:
     """The kernels' LOWP: OP_BF16 where bf16 operands are chosen (``bf16``, default lowp(p)),
     else OP_FP32 for fp32 inputs and narrow heads (IEEE dots) and for float16 inputs on
     split-TF32 dots (configs.FP16_SLOT_DOTS "tf32x3"), OP_TF32 for the other 16-bit cases."""
-    use_bf16 = (lowp(p) if bf16 is None else bf16) and not narrow(p)
+    use_bf16 = lowp(p) if bf16 is None else bf16
     if use_bf16:
         return OP_BF16
     if p.dtype == "float32" or narrow(p) or (p.dtype == "float16" and configs.FP16_SLOT_DOTS == "tf32x3"):
