@@ -192,6 +192,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run (default 480)")
     ap.add_argument("--triton-config", default="", metavar="NAME=VALUE;...",
                     help="settings of backends/triton/configs.py for this run (recorded in results.json)")
+    ap.add_argument("--skip", default="", metavar="IMPL:MODE,...",
+                    help="implementations and modes not to run, e.g. fla_chunk_gsa:forward_backward (recorded as skipped)")
     ap.add_argument("--from-records", metavar="FILE", help="write the results of a cut run from its streamed records")
     ap.add_argument("--meta", metavar="RESULTS_JSON", help="with --from-records: metadata from this results.json")
     args = ap.parse_args(argv)
@@ -243,7 +245,11 @@ def main(argv=None):
         if os.environ.get("NHA_GPU_RECORDS"):   # the metadata first: --from-records rebuilds a cut run
             with open(os.environ["NHA_GPU_RECORDS"], "a") as f:
                 f.write(json.dumps({"meta": result}, default=str) + "\n")
-        records = measure.run_all(shapes, deadline=deadline, quick=args.quick, log=log)
+        skip = {tuple(item.split(":", 1)) for item in args.skip.split(",") if item}
+        bad = [":".join(item) for item in skip if len(item) != 2]
+        if bad:
+            ap.error(f"--skip: expected IMPL:MODE items, got {bad}")
+        records = measure.run_all(shapes, deadline=deadline, quick=args.quick, log=log, skip=skip)
         # the peer's own correctness last: its compile time is already paid by then
         if time.perf_counter() < deadline:
             records.append(measure.check_composition())

@@ -100,8 +100,9 @@ for step in "$@"; do
     compare)
       # NHA_COMMIT: the commit the tree was copied from (compare.py records it; a copied .git may be older)
       # NHA_TRITON_CONFIG="NAME=VALUE;...": a candidate setting timed against the peers (recorded);
+      # NHA_GPU_SKIP="IMPL:MODE,...": pairs not to run (fla's backward autotunes for minutes per head size);
       # a run its timeout cuts leaves $OUT/compare_records.jsonl: compare.py --from-records rebuilds it
-      NHA_GPU_RECORDS="$OUT/compare_records.jsonl" timeout ${NHA_STEP_TIMEOUT_S:-540} python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} \
+      NHA_GPU_RECORDS="$OUT/compare_records.jsonl" timeout ${NHA_STEP_TIMEOUT_S:-540} python3 asv_bench/compare.py --out "$OUT/cmp" --budget ${NHA_GPU_BUDGET_S:-420} ${NHA_GPU_SHAPES:+--shapes $NHA_GPU_SHAPES} ${NHA_GPU_SKIP:+--skip $NHA_GPU_SKIP} \
         ${NHA_TRITON_CONFIG:+--triton-config "$NHA_TRITON_CONFIG"} \
         > "$OUT/compare.log" 2>&1; tail -60 "$OUT/compare.log" ;;
     asv)

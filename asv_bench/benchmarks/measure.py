@@ -145,8 +145,10 @@ ACCURACY_GRACE_S = 30.0
 
 
 def run_all(shape_names, *, deadline: float, quick=False, log=print, nha_backends=common.GPU_BACKENDS,
-            peers_=calls.GPU_PEERS, modes=("forward", "forward_backward")) -> list[dict]:
-    """Every (shape, impl, mode) that fits before ``deadline`` (a time.perf_counter() value).
+            peers_=calls.GPU_PEERS, modes=("forward", "forward_backward"), skip=()) -> list[dict]:
+    """Every (shape, impl, mode) that fits before ``deadline`` (a time.perf_counter() value), but
+    the (impl, mode) pairs in ``skip`` (recorded as skipped, e.g. a peer whose first call autotunes
+    for minutes).
 
     Order puts what the SPEC's ratios need first: NHA forward, then its peers, then backward.
     With NHA_GPU_RECORDS set, every record is also appended to that file as it is taken (JSON
@@ -177,6 +179,9 @@ def run_all(shape_names, *, deadline: float, quick=False, log=print, nha_backend
             jobs += [(p, m) for m in modes for p in peers_]
             jobs.sort(key=lambda job: job[1] != "forward")  # forward first
         for impl, mode in jobs:
+            if (impl, mode) in skip:
+                add({"shape": name, "impl": impl, "mode": mode, "status": "skipped", "reason": "not run (--skip)"})
+                continue
             if over():
                 add({"shape": name, "impl": impl, "mode": mode, "status": "skipped", "reason": "time budget"})
                 continue

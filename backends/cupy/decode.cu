@@ -49,6 +49,12 @@
 #endif
 #include "nha_common.cuh"
 
+// The new token's slot write weight at offset o of s / g: given, or derived from its gate
+// (s = 1 - exp(g); decode.py passes a null s when the state derives it).
+__device__ __forceinline__ float new_token_s(const IN_T* __restrict__ s_t, const IN_T* __restrict__ g_t, i64 o) {
+    return s_t != nullptr ? ld(s_t, o) : -expm1f(ld(g_t, o));
+}
+
 extern "C" __global__ void __launch_bounds__(NT) nha_decode_evict(
     const IN_T* __restrict__ k_t, const IN_T* __restrict__ v_t, const IN_T* __restrict__ g_t,
     const IN_T* __restrict__ s_t, const IN_T* __restrict__ k_slot_t,
@@ -68,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_evict(
     if (W == 0) {
         const i64 o = ((i64)n * H + h) * M + m;
         a = expf(ld(g_t, o));
-        w = ld(s_t, o);
+        w = new_token_s(s_t, g_t, o);
         u = is_k ? ld(k_slot_t, ((i64)n * H + h) * K + col) : ld(v_t, ((i64)n * H + h) * V + col);
     } else if (s_n >= W) {
         const i64 row = ((i64)n * W + s_n % W) * H + h;
@@ -180,7 +186,7 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_read(
         for (int vv = tid; vv < V; vv += NT) st(v_cache, row * V + vv, ld(v_t, o_v + vv));
         for (int m = tid; m < M; m += NT) {
             st(g_cache, row * M + m, ld(g_t, o_m + m));
-            if (s_cache != nullptr) st(s_cache, row * M + m, ld(s_t, o_m + m));
+            if (s_cache != nullptr) st(s_cache, row * M + m, new_token_s(s_t, g_t, o_m + m));
         }
     }
 }
@@ -534,10 +540,10 @@ __device__ __forceinline__ void slot_part(
     }
     const bool ev = W == 0 || s_n >= W;  // a token enters the slots at this step
     if (ev) {
-        if (W == 0) {  // the new token itself (s is materialised by decode.py when derived)
+        if (W == 0) {  // the new token itself (s derived in the kernel when not given)
             for (int m = tid; m < M; m += NT) {
                 sm.a[m] = expf(ld(g_t, nh * M + m));
-                sm.w[m] = ld(s_t, nh * M + m);
+                sm.w[m] = new_token_s(s_t, g_t, nh * M + m);
             }
             for (int kk = tid; kk < K; kk += NT) sm.uk[kk] = ld(k_slot_t, nh * K + kk);
             for (int vv = tid; vv < V; vv += NT) sm.uv[vv] = ld(v_t, nh * V + vv);
@@ -743,7 +749,7 @@ extern "C" __global__ void __launch_bounds__(NT) nha_decode_merge(
         for (int vv = tid; vv < V; vv += NT) st(v_cache, row * V + vv, ld(v_t, nh * V + vv));
         for (int m = tid; m < M; m += NT) {
             st(g_cache, row * M + m, ld(g_t, nh * M + m));
-            if (s_cache != nullptr) st(s_cache, row * M + m, ld(s_t, nh * M + m));
+            if (s_cache != nullptr) st(s_cache, row * M + m, new_token_s(s_t, g_t, nh * M + m));
         }
     }
 }

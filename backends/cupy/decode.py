@@ -38,12 +38,9 @@ def decode(p, q, k, v, g, s, q_slot, k_slot, state):
     if state.hk.dtype != cupy.float32 or state.hv.dtype != cupy.float32 or state.seen.dtype != cupy.int64:
         raise NotImplementedError("cupy: decode needs float32 hk / hv and int64 seen")
 
-    if s is None:  # derives_s
-        from .forward import derived_s
-
-        s = derived_s(g)
     cache_dtype = next(iter(dtypes))
-    q, k, v, g, s = c(q), c(k), c(v), c(g), c(s)
+    q, k, v, g = c(q), c(k), c(v), c(g)
+    s = NULL if s is None else c(s)  # derives_s: the kernels take s = 1 - exp(g)
     q_slot = q if q_slot is None else c(q_slot)
     k_slot = k if k_slot is None else c(k_slot)
     if configs.DECODE_VARIANT == "split":
