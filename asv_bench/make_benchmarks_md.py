@@ -182,7 +182,7 @@ def compare_section(path):
     for r in recs:
         if r["impl"] == "composition" and r["mode"] == "accuracy":
             lines += [f"composition self-check ({r['status']}): output rel. error vs float32 token loop "
-                      f"{_fmt(r.get('rel_err_vs_fp32_loop'))}, gradients {r.get('grad_rel_err_vs_fp32_loop')}", ""]
+                      f"{_fmt(r.get('rel_err_vs_fp32_loop'))}, gradients {r.get('grad_rel_err_vs_fp32_loop', 'not run')}", ""]
     return lines
 
 
