@@ -177,7 +177,8 @@ def to_markdown(result) -> str:
         lines += ["## composition self-check (gpu-s, T=384, bf16 vs float32 token loop)", "",
                   f"status {r['status']} {r.get('reason', '')}; output rel. error "
                   f"{_fmt(r.get('rel_err_vs_fp32_loop'))}; gradient rel. errors {r.get('grad_rel_err_vs_fp32_loop', 'not run')}", ""]
-    missing = sorted({f"{r['impl']}: {r.get('reason')}" for r in records if r["status"] in ("missing", "failed")})
+    missing = sorted({f"{r['impl']}{' ' + r['mode'] if r.get('mode') == 'accuracy' else ''}: {r.get('reason')}"
+                      for r in records if r["status"] in ("missing", "failed")})
     if missing:
         lines += ["## not measured", ""] + [f"* {m}" for m in missing] + [""]
     return "\n".join(lines)

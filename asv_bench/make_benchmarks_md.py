@@ -186,6 +186,33 @@ def compare_section(path):
     return lines
 
 
+def latest_targets_lines(runs):
+    """For every SPEC target, shape and NHA backend: the verdict of the newest GPU run that measured
+    it (``runs``: (path, result) pairs of compare.py files)."""
+    latest = {}
+    for path, res in sorted(runs, key=lambda run: run[1]["date"]):
+        if res.get("mode") != "gpu":
+            continue
+        for t in res.get("targets") or spec_targets.evaluate(res):
+            if t["met"] is not None:
+                latest[(t["shape"], t["impl"], t["target"])] = (t, res, path)
+    if not latest:
+        return []
+    shapes = list(spec_targets.GPU_TARGET_SHAPES)
+    order = lambda key: (shapes.index(key[0]) if key[0] in shapes else len(shapes), key[1], key[2])  # noqa: E731
+    lines = ["## Latest verdict per SPEC target", "",
+             "Each row comes from the newest run below that measured it; runs of different dates and commits "
+             "are mixed here, ratios never are.", "",
+             "| target | shape | NHA | value | limit | met | run |", "|---|---|---|---|---|---|---|"]
+    for key in sorted(latest, key=order):
+        t, res, path = latest[key]
+        note = f" ({t['detail']})" if t.get("detail") else ""
+        lines.append(f"| {t['target']} | {t['shape']} | {t['impl']} | {_fmt(t['value'])} | {t['op']} {t['limit']:g} | "
+                     f"{'yes' if t['met'] else '**no**'}{note} | {res['date'][:10]}, {_commit_text(res.get('commit'))}, "
+                     f"`{os.path.basename(os.path.dirname(path))}` |")
+    return lines + [""]
+
+
 def targets_lines(rows, recorded=True, edited=False):
     """SPEC section 6 targets of one run: value, limit, met / not met / not measured."""
     met = [t for t in rows if t["met"]]
@@ -244,8 +271,13 @@ def main(argv=None):
              "(below 1 means NHA is faster). Shapes and targets: SPEC section 6. How to reproduce: "
              "`asv_bench/README.md`.", ""]
     if compare_files:
-        lines += ["## Peer comparison (compare.py)", ""]
+        runs = []
         for path in compare_files:
+            with open(path) as f:
+                runs.append((path, json.load(f)))
+        lines += latest_targets_lines(runs)
+        lines += ["## Peer comparison (compare.py), newest run first", ""]
+        for path, _ in sorted(runs, key=lambda run: run[1]["date"], reverse=True):
             lines += compare_section(path)
     notes = [os.path.join(HERE, "triton_tuning_notes.md"), os.path.join(ROOT, "backends", "cupy", "PERF_NOTES.md")]
     notes = [n for n in notes if os.path.exists(n)]
