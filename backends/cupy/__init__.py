@@ -20,8 +20,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 class CupyBackend(Backend, configs=configs):
     kernel_package = __name__  # forward.py, backward.py, decode.py beside this file
     array_kind = "cupy"
-    derives_s = True  # s = None: the tensor-core forward computes s = 1 - exp(g) in its kernels;
-                      # the other paths materialise it once (forward.derived_s)
+    derives_s = True  # s = None: the tensor-core forward and the decode compute s = 1 - exp(g) in
+                      # their kernels; the other paths materialise it once (forward.derived_s)
 
     def availability(self):
         try:
