@@ -143,9 +143,8 @@ def asv_section(results_dir):
 # compare.py results
 
 
-def compare_section(path):
-    with open(path) as f:
-        res = json.load(f)
+def compare_section(path, res):
+    """One compare.py run (``res``, read from ``path``)."""
     lines = [f"### compare.py on {res['device']} ({res['mode']}{', quick' if res.get('quick') else ''})", "",
              f"source: `{_rel(path)}` · date {res['date']} · commit {_commit_text(res.get('commit'))} · "
              + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items()
@@ -277,8 +276,8 @@ def main(argv=None):
                 runs.append((path, json.load(f)))
         lines += latest_targets_lines(runs)
         lines += ["## Peer comparison (compare.py), newest run first", ""]
-        for path, _ in sorted(runs, key=lambda run: run[1]["date"], reverse=True):
-            lines += compare_section(path)
+        for path, res in sorted(runs, key=lambda run: run[1]["date"], reverse=True):
+            lines += compare_section(path, res)
     notes = [os.path.join(HERE, "triton_tuning_notes.md"), os.path.join(ROOT, "backends", "cupy", "PERF_NOTES.md")]
     notes = [n for n in notes if os.path.exists(n)]
     if notes:
