@@ -78,7 +78,7 @@ class Capture:
         src = ASTSource(fn, signature, constexprs, attrs)
         if self.only and not any(name in fn.__name__ for name in self.only):
             return None
-        key = (fn.__name__, str(sorted(constexprs.items())), options.num_warps, options.num_stages)
+        key = (fn.__name__, str(sorted(constexprs.items())), options.num_warps, options.num_stages, options.maxnreg)
         if key not in self.rows:
             k = triton.compile(src, target=self.target, options=options.__dict__)
             md = k.metadata

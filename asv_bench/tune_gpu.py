@@ -174,10 +174,21 @@ def make_mode(shape, backend, mode, x):
     raise ValueError(mode)
 
 
+def parse_shape(text: str):
+    """``gpu-a`` or ``gpu-a@W=0,M=0``: a benchmark shape, with integer fields overridden (ablations:
+    W=0 leaves the slots alone, M=0 the window alone)."""
+    name, _, fields = text.partition("@")
+    shape = common.SHAPES[name]
+    for item in filter(None, fields.split(",")):
+        field, _, value = item.partition("=")
+        shape = dataclasses.replace(shape, **{field: int(value)})
+    return dataclasses.replace(shape, name=text) if fields else shape
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--backend", default="triton")
-    ap.add_argument("--shape", default="gpu-a")
+    ap.add_argument("--shape", default="gpu-a", help="a shape of benchmarks/common.py, optionally NAME@FIELD=INT,...")
     ap.add_argument("--modes", default="forward")
     ap.add_argument("--variant", action="append", default=[], help="name:attr=value,... (repeatable)")
     ap.add_argument("--no-check", action="store_true", help="skip the small fp64 checks")
@@ -186,7 +197,7 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     configs = importlib.import_module(f"nha_core.backends.{args.backend}.configs")
-    shape = common.SHAPES[args.shape]
+    shape = parse_shape(args.shape)
     if args.dtype:
         shape = dataclasses.replace(shape, dtype=args.dtype)
     variants = [parse_variant(v) for v in (args.variant or ["base:"])]

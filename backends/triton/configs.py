@@ -81,6 +81,15 @@ BWD_CHAIN_DERIVED_S = True
 # masked loop over every block of the band.
 WINDOW_SPLIT = True
 
+# Register cap of nha_fwd_kernel for heads up to 64 wide (Triton's ``maxnreg``; None: ptxas
+# decides). Uncapped, the kernel holds 185 registers at gpu-a, so only two 4-warp programs share
+# an SM: ncu (H200, 2026-12-03) measured 12.5% occupancy, register-limited, and 1.67 instructions
+# issued per cycle. The kernel is one dependent chain of dots per program, so more programs per SM
+# hide more of its latency. Capped at 128 (224 B of spills, four programs per SM with 2
+# pipeline stages, forward_stages) it ran 0.477 ms against 0.576 at gpu-a; 168 (three programs)
+# ran 0.500. gpu-b at 168: 0.937 against 1.075 ms.
+FWD_MAX_REGISTERS = 128
+
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
 # operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
 # dots made nha_fwd_kernel (Triton 3.6, H200, 2026-12-02) access shared memory out of range
@@ -184,9 +193,24 @@ def decode_num_warps(K: int, V: int) -> int:
     return 4 if max(pad(K), pad(V)) <= 128 else 8
 
 
+def max_registers(K: int, V: int, M: int) -> int | None:
+    """nha_fwd_kernel's register cap: FWD_MAX_REGISTERS where the widest of K, V, M pads to 64 or
+    less; wider tiles are uncapped (not yet timed capped)."""
+    return FWD_MAX_REGISTERS if max(pad(K), pad(V), pad(M)) <= 64 else None
+
+
 def num_stages(K: int, V: int, M: int) -> int:
-    """Software-pipelining depth of the window loops: 3 stages of [BS, BK] + [BS, BV] bf16 tiles
-    (16 KiB each at K = V = 64) ran 3% faster than 2 at gpu-a; 2 past K = 128 (shared memory)."""
+    """Software-pipelining depth of the forward's window loop: 2 where the register cap lets
+    four programs share an SM (4 x 49 KiB of shared memory; 3 stages would need 4 x 65), else 3
+    up to K = V = 64 (3% faster than 2 at gpu-a before the cap) and 2 past it (shared memory)."""
+    if max_registers(K, V, M) == 128:
+        return 2
+    return bwd_num_stages(K, V, M)
+
+
+def bwd_num_stages(K: int, V: int, M: int) -> int:
+    """Software-pipelining depth of the backward's band loops: 3 stages up to K = V = 64, 2 past
+    it (shared memory)."""
     return 3 if max(pad(K), pad(V)) <= 64 else 2
 
 

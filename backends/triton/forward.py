@@ -141,19 +141,45 @@ def load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexp
 
 # ----------------------------------------------------------------------------------------------
 # Intra-chunk decayed contractions, D[t,j,m] = 2^(Gc[t,m] - Gc[j,m]) for j <= t, else 0 (Gc in
-# log2 units; SAFE2 = SAFE_LIMIT * log2(e)).
+# log2 units; SAFE2 = SAFE_LIMIT * log2(e)). PATH picks how: DECAY_ANY factored when _is_safe
+# says so at run time, else pair by pair; DECAY_FACTORED / DECAY_PAIRWISE one way only (the
+# caller has checked), so the other path's code and registers are not in the kernel.
 # ----------------------------------------------------------------------------------------------
+DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+# The kernels with many decayed contractions (nha_fwd_kernel, nha_bwd_slot_kernel) run twice: PATH =
+# DECAY_FACTORED for every chunk whose decays factor, flagging the others in an int8 [blocks, heads]
+# buffer (flag_unsafe), then PATH = DECAY_PAIRWISE for the flagged programs only (the others return
+# after reading their flag). Kept apart, the pairwise code does not raise the common path's registers.
+TWO_LAUNCHES = (DECAY_FACTORED.value, DECAY_PAIRWISE.value)
+
+
 @triton.jit
 def _is_safe(b_gc, SAFE2: tl.constexpr):
     return (tl.min(tl.min(b_gc, 1), 0) >= -SAFE2) & (tl.max(tl.max(b_gc, 1), 0) <= SAFE2)
 
 
 @triton.jit
-def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
+def flag_unsafe(unsafe, i_flag, b_gc, SAFE2: tl.constexpr):
+    """Whether the chunk's decays factor; unsafe[i_flag] := 0 if so, 1 if the chunk is left to the
+    DECAY_PAIRWISE launch."""
+    safe = _is_safe(b_gc, SAFE2)
+    tl.store(unsafe + i_flag, tl.where(safe, 0, 1).to(tl.int8))
+    return safe
+
+
+@triton.jit
+def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+                PATH: tl.constexpr):
     """R[t,m] = sum_{j<=t} A[t,j] X[j,m] D[t,j,m].   A [BT,BT], X and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE2):
+    if PATH == DECAY_ANY:
+        factored = _is_safe(b_gc, SAFE2)
+    else:
+        factored = PATH == DECAY_FACTORED
+    if factored:
         b_r = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), _op(b_x * tl.exp2(-b_gc), LOWP),
                      input_precision=DOT) * tl.exp2(b_gc)
     else:
@@ -168,11 +194,16 @@ def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.
 
 
 @triton.jit
-def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
+def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+                  PATH: tl.constexpr):
     """R[j,m] = sum_{t>=j} A[t,j] Y[t,m] D[t,j,m].   A [BT,BT], Y and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE2):
+    if PATH == DECAY_ANY:
+        factored = _is_safe(b_gc, SAFE2)
+    else:
+        factored = PATH == DECAY_FACTORED
+    if factored:
         b_r = tl.dot(_op(tl.trans(tl.where(m_c, b_a, 0.0)), LOWP), _op(b_y * tl.exp2(b_gc), LOWP),
                      input_precision=DOT) * tl.exp2(-b_gc)
     else:
@@ -187,11 +218,16 @@ def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: t
 
 
 @triton.jit
-def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
+def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+                  PATH: tl.constexpr):
     """P[t,j] = sum_m Y[t,m] X[j,m] D[t,j,m] for j <= t.   Y, X, Gc [BT,BM] -> [BT,BT]."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
-    if _is_safe(b_gc, SAFE2):
+    if PATH == DECAY_ANY:
+        factored = _is_safe(b_gc, SAFE2)
+    else:
+        factored = PATH == DECAY_FACTORED
+    if factored:
         b_w = tl.dot(_op(b_y * tl.exp2(b_gc), LOWP), tl.trans(_op(b_x * tl.exp2(-b_gc), LOWP)),
                      input_precision=DOT)
         b_w = tl.where(m_c, b_w, 0.0)
@@ -376,35 +412,39 @@ def nha_state_scan_kernel(
 # Slot operands of one chunk (shared with the backward)
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Shifted rows of chunk i_c: Ks [BT,BK], Vs [BT,BV] in the input dtype (0 where no token)."""
+def load_shifted(x, bos, T_n, i_c, i_h, W, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """Rows of x [*, H, D] at the shifted positions of chunk i_c (token p - W): [BT, BD] in x's
+    dtype, 0 where no token."""
     o_p = i_c * BT + tl.arange(0, BT)
     o_j = o_p - W
     m_j = (o_p < T_n) & (o_j >= 0)
-    r_j = bos + o_j
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    b_ks = tl.load(ks + (r_j[:, None] * H + i_h) * K + o_k[None, :],
-                   mask=m_j[:, None] & (o_k < K)[None, :], other=0.0)                     # [BT, BK]
-    b_vs = tl.load(v + (r_j[:, None] * H + i_h) * V + o_v[None, :],
-                   mask=m_j[:, None] & (o_v < V)[None, :], other=0.0)                     # [BT, BV]
-    return b_ks, b_vs
+    o_d = tl.arange(0, BD)
+    return tl.load(x + ((bos + o_j)[:, None] * H + i_h) * D + o_d[None, :],
+                   mask=m_j[:, None] & (o_d < D)[None, :], other=0.0)
+
+
+@triton.jit
+def load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Shifted rows of chunk i_c: Ks [BT,BK], Vs [BT,BV] in the input dtype (0 where no token)."""
+    return (load_shifted(ks, bos, T_n, i_c, i_h, W, H, K, BT, BK),
+            load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV))
+
+
+@triton.jit
+def load_matrix(x, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """x [R, C] row-major as a [BR, BC] tile (0 outside), in x's dtype."""
+    o_r = tl.arange(0, BR)
+    o_c = tl.arange(0, BC)
+    return tl.load(x + o_r[:, None] * C + o_c[None, :], mask=(o_r < R)[:, None] & (o_c < C)[None, :], other=0.0)
 
 
 @triton.jit
 def load_states(hk_c, hv_c, i_state, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr):
     """Hk [BK,BM], Hv [BM,BV] of chunk state i_state (their stored dtype)."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    b_hk = tl.load(hk_c + i_state * K * M + o_k[:, None] * M + o_m[None, :],
-                   mask=m_k[:, None] & m_m[None, :], other=0.0)                           # [BK, BM]
-    b_hv = tl.load(hv_c + i_state * M * V + o_m[:, None] * V + o_v[None, :],
-                   mask=m_m[:, None] & m_v[None, :], other=0.0)                           # [BM, BV]
-    return b_hk, b_hv
+    return (load_matrix(hk_c + i_state * K * M, K, M, BK, BM),
+            load_matrix(hv_c + i_state * M * V, M, V, BM, BV))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -462,73 +502,63 @@ def window_ranges(t0, T_n, W, BT: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def nha_fwd_kernel(
-    q, k, v, qs, ks, g, s, hk_c, hv_c, o, lse, cu, chunk_off, block_map,
-    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
-    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-    HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
-    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
-):
-    """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head."""
-    i_b, i_hq = tl.program_id(0), tl.program_id(1)
-    i_h = i_hq // G
-    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
-    t0 = i_c * BT
-    o_t = t0 + tl.arange(0, BT)
-    m_t = o_t < T_n
+def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2,
+                 HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+                 SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
+    """Online-softmax state (m [BT], l [BT], acc [BT,BV], log2 units) after the M slots of the
+    query rows r_t: inter-chunk ``2^Gc (Qs @ Hk_c)`` plus the intra-chunk decayed causal part.
+
+    PATH = DECAY_FACTORED factors the decays (the chunk's Gc lies in [-SAFE2, SAFE2]): both
+    intra-chunk dots share S * 2^-Gc and both readouts P * 2^Gc. Every operand is loaded right
+    before its dot and every tile dies as early as the chain allows, so the kernel holds few
+    registers and more programs share an SM (the branch is one dependent chain of dots: latency,
+    not bandwidth, is what it waits on). DECAY_PAIRWISE applies them pair by pair."""
+    o_r = tl.arange(0, BT)
+    m_c = o_r[:, None] >= o_r[None, :]
+    o_k = tl.arange(0, BK)
+    o_m = tl.arange(0, BM)
+    b_eg = tl.exp2(b_gc)                                                                      # [BT, BM]
+    if PATH == DECAY_FACTORED:
+        b_sw = _op(b_sx * tl.exp2(-b_gc), LOWP)                                              # [BT, BM]
+    b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+                       mask=m_t[:, None] & (o_k < K)[None, :], other=0.0), LOWP)            # [BT, BK]
+    b_a = tl.dot(b_qs, tl.trans(_op(load_shifted(ks, bos, T_n, i_c, i_h, W, H, K, BT, BK), LOWP)),
+                 input_precision=DOT)                                                          # [BT, BT]
+    b_ls = tl.dot(b_qs, _op(load_matrix(hk_c + i_state * K * M, K, M, BK, BM), LOWP), input_precision=DOT)
+    if PATH == DECAY_PAIRWISE:
+        b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT, PATH)) * qk2
+    else:
+        b_ls = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), b_sw, acc=b_ls, input_precision=DOT) * b_eg * qk2
+    if M < BM:
+        b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
+    b_mi = tl.max(b_ls, 1)
+    b_p = tl.exp2(b_ls - b_mi[:, None])
+    b_li = tl.sum(b_p, 1)
+    if PATH == DECAY_PAIRWISE:
+        b_pw = decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT, PATH)
+        b_pe = _op(b_p * b_eg, LOWP)
+    else:
+        b_pe = _op(b_p * b_eg, LOWP)                                                         # [BT, BM]
+        b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)         # [BT, BT]
+    b_acc = tl.dot(b_pe, _op(load_matrix(hv_c + i_state * M * V, M, V, BM, BV), LOWP), input_precision=DOT)
+    b_acc = tl.dot(_op(b_pw, LOWP), _op(load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV), LOWP), acc=b_acc,
+                   input_precision=DOT)                                                        # [BT, BV]
+    return b_mi, b_li, b_acc
+
+
+@triton.jit
+def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq, W, T_lse,
+                     qk2, HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """Walks the window key blocks of the query rows t0 .. t0+BT from the online-softmax state
+    (m, l, acc), then writes o and lse once."""
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    m_k, m_v = o_k < K, o_v < V
-    r_t = bos + o_t
-    qk2 = scale * 1.4426950408889634        # logits in log2 units: exp2 instead of exp
-    b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                  mask=m_t[:, None] & m_k[None, :], other=0.0)                             # [BT, BK]
-
-    if HAS_SLOTS:
-        c0 = tl.load(chunk_off + i_n).to(tl.int64)
-        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
-        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
-        b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
-        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
-                           mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
-        b_eg = tl.exp2(b_gc)                                                                  # [BT, BM]
-        b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                  # [BT, BT]
-        b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT)                           # [BT, BM]
-        if _is_safe(b_gc, SAFE2):
-            # factored decays, computed once: both intra-chunk dots share S * 2^-Gc and both
-            # readouts P * 2^Gc (3 exp2 tiles instead of the helpers' 7; nha_fwd_kernel 0.572 ms
-            # against 0.600 at gpu-a on an H200, 2026-12-02)
-            o_r = tl.arange(0, BT)
-            m_c = o_r[:, None] >= o_r[None, :]
-            b_sw = _op(b_sx * tl.exp2(-b_gc), LOWP)                                          # [BT, BM]
-            b_ls = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), b_sw, acc=b_ls, input_precision=DOT) * b_eg * qk2
-            if M < BM:
-                b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
-            b_mi = tl.max(b_ls, 1)
-            b_p = tl.exp2(b_ls - b_mi[:, None])
-            b_li = tl.sum(b_p, 1)
-            b_pe = _op(b_p * b_eg, LOWP)                                                     # [BT, BM]
-            b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)     # [BT, BT]
-            b_acc = tl.dot(b_pe, _op(b_hv, LOWP), input_precision=DOT)                      # [BT, BV]
-            b_acc = tl.dot(_op(b_pw, LOWP), _op(b_vs, LOWP), acc=b_acc, input_precision=DOT)
-        else:
-            b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT)) * qk2
-            if M < BM:
-                b_ls = tl.where((o_m < M)[None, :], b_ls, float("-inf"))
-            b_mi = tl.max(b_ls, 1)
-            b_p = tl.exp2(b_ls - b_mi[:, None])
-            b_li = tl.sum(b_p, 1)
-            b_acc = tl.dot(_op(b_p * b_eg, LOWP), _op(b_hv, LOWP), input_precision=DOT)     # [BT, BV]
-            b_acc += tl.dot(_op(decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT), LOWP), _op(b_vs, LOWP),
-                            input_precision=DOT)
-    else:
-        b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
-        b_li = tl.zeros([BT], dtype=tl.float32)
-        b_acc = tl.zeros([BT, BV], dtype=tl.float32)
-
     if W > 0:
+        b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+                      mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)                     # [BT, BK]
         p_k = k + (bos * H + i_h) * K
         p_v = v + (bos * H + i_h) * V
         lo, a, b0, b1, c, hi = window_ranges(t0, T_n, W, BT, BS)
@@ -546,17 +576,59 @@ def nha_fwd_kernel(
             for i_s in range(lo, hi, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
                                                  H * K, H * V, K, V, BS, BK, BV, True, DOT)
-
     b_ok = b_li > 0
     b_o = b_acc / tl.where(b_ok, b_li, 1.0)[:, None]
     b_lse = tl.where(b_ok, (b_mi + tl.log2(tl.where(b_ok, b_li, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(o + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+             mask=m_t[:, None] & (o_v < V)[None, :])
     if IS_VARLEN:
         p_lse = lse + i_hq * T_lse + bos + o_t
     else:
         p_lse = lse + (i_n * HQ + i_hq) * T_lse + o_t
     tl.store(p_lse, b_lse, mask=m_t)
+
+
+@triton.jit
+def nha_fwd_kernel(
+    q, k, v, qs, ks, g, s, hk_c, hv_c, o, lse, unsafe, cu, chunk_off, block_map,
+    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+    HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
+    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
+):
+    """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
+    slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ])."""
+    i_b, i_hq = tl.program_id(0), tl.program_id(1)
+    run = True
+    if PATH == DECAY_PAIRWISE:
+        run = tl.load(unsafe + i_b * HQ + i_hq) != 0
+    if run:
+        i_h = i_hq // G
+        i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
+        t0 = i_c * BT
+        o_t = t0 + tl.arange(0, BT)
+        m_t = o_t < T_n
+        r_t = bos + o_t
+        qk2 = scale * 1.4426950408889634        # logits in log2 units: exp2 instead of exp
+        if HAS_SLOTS:
+            i_state = (tl.load(chunk_off + i_n).to(tl.int64) + i_c) * H + i_h
+            b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S, G_FLOOR)
+            go = True
+            if PATH == DECAY_FACTORED:
+                go = flag_unsafe(unsafe, i_b * HQ + i_hq, b_gc, SAFE2)
+            if go:
+                b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
+                                                 i_hq, i_state, W, qk2, HQ, H, K, V, M, BT, BK, BV, BM,
+                                                 SAFE2, LOWP, DOT, PATH)
+                window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
+                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
+        else:
+            b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
+            b_li = tl.zeros([BT], dtype=tl.float32)
+            b_acc = tl.zeros([BT, BV], dtype=tl.float32)
+            window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
+                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,12 +787,15 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
                                       longest, p.output_final_state, lowp(p))
     if NB > 0 and T > 0:
-        nha_fwd_kernel[(NB, HQ)](
-            qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, cu, chunk_off,
-            block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
-            BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
-            M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
-            dot_precision(p), configs.WINDOW_SPLIT,
-            num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
-        )
+        unsafe = torch.empty(NB, HQ, dtype=torch.int8, device=dev) if M > 0 else lse
+        for path in TWO_LAUNCHES if M > 0 else TWO_LAUNCHES[:1]:
+            nha_fwd_kernel[(NB, HQ)](
+                qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, unsafe, cu, chunk_off,
+                block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
+                BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
+                M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
+                dot_precision(p), configs.WINDOW_SPLIT, path,
+                num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
+                maxnreg=configs.max_registers(K, V, M) if path == DECAY_FACTORED else None,
+            )
     return o, lse, hk, hv
