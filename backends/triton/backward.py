@@ -544,7 +544,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             p.scale, p.W, T, HQ, H, G, K, V, M, BT, BT, BK, BV, BM,
             has_slots, sf is not None, q_slot is not None, cu_seqlens is not None,
             configs.G_FLOOR, SAFE2, LOWP_Q, LOWP_DQ, DOT,
-            num_warps=warps, num_stages=stages,
+            num_warps=warps, num_stages=stages, maxnreg=configs.BWD_Q_MAX_REGISTERS,
         )
     if has_slots:
         dh_k = torch.empty(R, H, K, M, dtype=b16(configs.BWD_BF16_DH), device=dev)
@@ -590,7 +590,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
                 cu, chunk_off, block_map, dks, dvs, ds, dg, unsafe,
                 p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
                 LOWP_SL, LOWP_KV, DOT, path,
-                num_warps=warps,
+                num_warps=warps, maxnreg=configs.BWD_SLOT_MAX_REGISTERS if path == DECAY_FACTORED else None,
             )
         del ps_buf, dls_buf, x1_buf, dh_k, dh_v, dh0k, dh0v, carry   # (dh0k/dh0v: dh_k/dh_v or the outputs dhk0/dhv0)
     else:

@@ -89,6 +89,11 @@ WINDOW_SPLIT = True
 # pipeline stages, forward_stages) it ran 0.477 ms against 0.576 at gpu-a; 168 (three programs)
 # ran 0.500. gpu-b at 168: 0.937 against 1.075 ms.
 FWD_MAX_REGISTERS = 128
+# The same for nha_bwd_q_kernel and the factored launch of nha_bwd_slot_kernel (8 warps, 255
+# registers uncapped at gpu-a: one program per SM). Candidates, not yet timed: 128 lets two share
+# an SM (1192 B of spills in bwd_q).
+BWD_Q_MAX_REGISTERS = None
+BWD_SLOT_MAX_REGISTERS = None
 
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
 # operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
