@@ -23,7 +23,8 @@ Kernels (one sequence of the packed batch is ``bos .. eos``; chunks of ``BT`` sh
   query head. Slot logits = inter-chunk ``exp(Gc) * (Qs @ Hk_c)`` + intra-chunk decayed causal
   part; they seed an online softmax that then walks only the window key blocks that intersect
   ``(t-W, t]``, masking only the two boundary blocks. Nothing of size T*W or T*(M+W) ever exists;
-  o and lse are written once.
+  o and lse are written once. With slots it is launched twice (TWO_LAUNCHES): factored decays
+  first, then the pairwise fallback for the chunks the first launch flagged.
 
 Every kernel recomputes the chunk cumsum Gc of the gates it needs from ``g`` (one [BT, BM] load
 and a cumsum: cheaper than storing and re-reading an fp32 copy) and, when ``s`` is not given,
@@ -33,7 +34,8 @@ log2(e) is folded into the logit scale.
 The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied either factored,
 ``exp(Gc[t]) * exp(-Gc[j])`` inside two dots, when every Gc of the chunk lies in
 ``[-SAFE_LIMIT, SAFE_LIMIT]`` (no overflow possible), or explicitly pair by pair otherwise
-(resets ``g = -inf`` and very strong decays; slower, never NaN). ``decay_apply``,
+(resets ``g = -inf`` and very strong decays; slower, never NaN; nha_fwd_kernel and
+nha_bwd_slot_kernel run it in a launch of its own). ``decay_apply``,
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
 
@@ -510,10 +512,10 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h
     query rows r_t: inter-chunk ``2^Gc (Qs @ Hk_c)`` plus the intra-chunk decayed causal part.
 
     PATH = DECAY_FACTORED factors the decays (the chunk's Gc lies in [-SAFE2, SAFE2]): both
-    intra-chunk dots share S * 2^-Gc and both readouts P * 2^Gc. Every operand is loaded right
-    before its dot and every tile dies as early as the chain allows, so the kernel holds few
-    registers and more programs share an SM (the branch is one dependent chain of dots: latency,
-    not bandwidth, is what it waits on). DECAY_PAIRWISE applies them pair by pair."""
+    intra-chunk dots share S * 2^-Gc and both readouts P * 2^Gc. Operands are loaded right before
+    their dots, and S * 2^-Gc is formed before the first one so that Gc and S die early: 190
+    registers at gpu-a against 201 with it formed after (ptxas, sm_90). DECAY_PAIRWISE applies
+    the decays pair by pair."""
     o_r = tl.arange(0, BT)
     m_c = o_r[:, None] >= o_r[None, :]
     o_k = tl.arange(0, BK)
@@ -535,11 +537,10 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h
     b_mi = tl.max(b_ls, 1)
     b_p = tl.exp2(b_ls - b_mi[:, None])
     b_li = tl.sum(b_p, 1)
+    b_pe = _op(b_p * b_eg, LOWP)                                                             # [BT, BM]
     if PATH == DECAY_PAIRWISE:
         b_pw = decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT, PATH)
-        b_pe = _op(b_p * b_eg, LOWP)
     else:
-        b_pe = _op(b_p * b_eg, LOWP)                                                         # [BT, BM]
         b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)         # [BT, BT]
     b_acc = tl.dot(b_pe, _op(load_matrix(hv_c + i_state * M * V, M, V, BM, BV), LOWP), input_precision=DOT)
     b_acc = tl.dot(_op(b_pw, LOWP), _op(load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV), LOWP), acc=b_acc,
