@@ -89,11 +89,6 @@ WINDOW_SPLIT = True
 # pipeline stages, forward_stages) it ran 0.477 ms against 0.576 at gpu-a; 168 (three programs)
 # ran 0.500. gpu-b at 168: 0.937 against 1.075 ms.
 FWD_MAX_REGISTERS = 128
-# The same for nha_bwd_q_kernel and the factored launch of nha_bwd_slot_kernel (8 warps, 255
-# registers uncapped at gpu-a: one program per SM). Candidates, not yet timed: 128 lets two share
-# an SM (1192 B of spills in bwd_q).
-BWD_Q_MAX_REGISTERS = None
-BWD_SLOT_MAX_REGISTERS = None
 
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
 # operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
@@ -198,17 +193,19 @@ def decode_num_warps(K: int, V: int) -> int:
     return 4 if max(pad(K), pad(V)) <= 128 else 8
 
 
-def max_registers(K: int, V: int, M: int) -> int | None:
-    """nha_fwd_kernel's register cap: FWD_MAX_REGISTERS where the widest of K, V, M pads to 64 or
-    less; wider tiles are uncapped (not yet timed capped)."""
-    return FWD_MAX_REGISTERS if max(pad(K), pad(V), pad(M)) <= 64 else None
+def max_registers(K: int, V: int, M: int, bf16: bool) -> int | None:
+    """nha_fwd_kernel's register cap (factored launch): FWD_MAX_REGISTERS for bf16 slot operands
+    (``bf16``, forward.lowp) where the widest of K, V, M pads to 64 or less. Uncapped otherwise:
+    wider tiles were not timed capped, and the fp32 operands of float16 inputs spill 1.5 KiB under
+    the cap (ptxas, sm_90)."""
+    return FWD_MAX_REGISTERS if bf16 and max(pad(K), pad(V), pad(M)) <= 64 else None
 
 
-def num_stages(K: int, V: int, M: int) -> int:
-    """Software-pipelining depth of the forward's window loop: 2 where the register cap lets
-    four programs share an SM (4 x 49 KiB of shared memory; 3 stages would need 4 x 65), else 3
-    up to K = V = 64 (3% faster than 2 at gpu-a before the cap) and 2 past it (shared memory)."""
-    if max_registers(K, V, M) == 128:
+def num_stages(K: int, V: int, M: int, bf16: bool) -> int:
+    """Software-pipelining depth of the forward's window loop: 2 where the register cap of 128
+    lets four programs share an SM (4 x 49 KiB of shared memory; 3 stages would need 4 x 65), else
+    3 up to K = V = 64 (3% faster than 2 at gpu-a before the cap) and 2 past it (shared memory)."""
+    if max_registers(K, V, M, bf16) == 128:
         return 2
     return bwd_num_stages(K, V, M)
 

@@ -34,8 +34,8 @@ log2(e) is folded into the logit scale.
 The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied either factored,
 ``exp(Gc[t]) * exp(-Gc[j])`` inside two dots, when every Gc of the chunk lies in
 ``[-SAFE_LIMIT, SAFE_LIMIT]`` (no overflow possible), or explicitly pair by pair otherwise
-(resets ``g = -inf`` and very strong decays; slower, never NaN; nha_fwd_kernel and
-nha_bwd_slot_kernel run it in a launch of its own). ``decay_apply``,
+(resets ``g = -inf`` and very strong decays; slower, never NaN; nha_fwd_kernel runs it in a
+launch of its own). ``decay_apply``,
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
 
@@ -150,10 +150,12 @@ def load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexp
 DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
-# The kernels with many decayed contractions (nha_fwd_kernel, nha_bwd_slot_kernel) run twice: PATH =
-# DECAY_FACTORED for every chunk whose decays factor, flagging the others in an int8 [blocks, heads]
-# buffer (flag_unsafe), then PATH = DECAY_PAIRWISE for the flagged programs only (the others return
-# after reading their flag). Kept apart, the pairwise code does not raise the common path's registers.
+# nha_fwd_kernel runs twice: PATH = DECAY_FACTORED for every chunk whose decays factor, flagging
+# the others in an int8 [blocks, heads] buffer (flag_unsafe), then PATH = DECAY_PAIRWISE for the
+# flagged programs only (the others return after reading their flag). Kept apart, the pairwise code
+# does not raise the common path's registers. (nha_bwd_slot_kernel, split the same way, ran its
+# factored path 1.23 -> 1.02 ms at gpu-a, but its float16 build then needed 320 KiB of shared
+# memory under Triton 3.6; it keeps one launch until that is fixed: triton_tuning_notes.md.)
 TWO_LAUNCHES = (DECAY_FACTORED.value, DECAY_PAIRWISE.value)
 
 
@@ -796,7 +798,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
                 dot_precision(p), configs.WINDOW_SPLIT, path,
-                num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M),
-                maxnreg=configs.max_registers(K, V, M) if path == DECAY_FACTORED else None,
+                num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
+                maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
     return o, lse, hk, hv
