@@ -150,7 +150,6 @@ def compare_section(path, res):
              + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items()
                          if k in ("torch", "triton", "cupy", "fla")), ""]
     lines += [f"* edited after the run: {e}" for e in res.get("edits", [])] + ([""] if res.get("edits") else [])
-    lines += [f"* note added after the run: {n}" for n in res.get("notes", [])] + ([""] if res.get("notes") else [])
     recs = res["records"]
     for shape in res["shapes"]:
         rows = [r for r in recs if r["shape"] == shape and r["mode"] != "accuracy"]
@@ -209,7 +208,7 @@ def latest_targets_lines(runs):
         note = f" ({t['detail']})" if t.get("detail") else ""
         lines.append(f"| {t['target']} | {t['shape']} | {t['impl']} | {_fmt(t['value'])} | {t['op']} {t['limit']:g} | "
                      f"{'yes' if t['met'] else '**no**'}{note} | {res['date'][:10]}, {_commit_text(res.get('commit'))}, "
-                     f"`{os.path.basename(os.path.dirname(path))}`{' (read its note)' if res.get('notes') else ''} |")
+                     f"`{os.path.basename(os.path.dirname(path))}` |")
     return lines + [""]
 
 

@@ -192,6 +192,15 @@ def test_forward_backward_small_tiles(case, small_tiles):
     check(p, x)
 
 
+@pytest.mark.parametrize("case", CASES[:1] + CASES[4:], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_bwd_slot_in_two_launches(case, small_tiles, monkeypatch):
+    """nha_bwd_slot_kernel split into its factored and pairwise launches (configs.BWD_SLOT_SPLIT),
+    which bf16 inputs take on a GPU and the interpreter cannot run: with resets (the last case) the
+    pairwise launch does the flagged chunks."""
+    monkeypatch.setattr(tc, "BWD_SLOT_SPLIT", "always")
+    check(**dict(zip(("p", "x"), make(2, **case))))
+
+
 def test_materialised_s_matches_derived(small_tiles):
     """s = 1 - exp(g) passed as an array (as a backend without derives_s gets it) and derived
     inside the kernels give the same results (the resets of `hard` included)."""

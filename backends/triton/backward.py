@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .forward import (DECAY_ANY, _op, block_span, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flat,
+from .forward import (DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE, OP_BF16, TWO_LAUNCHES, _op, block_span, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flag_unsafe, flat,
                       load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
                       scan_grid, sequence_span, state_pass, store_chunk_row, window_ranges)
 
@@ -285,20 +285,45 @@ def nha_state_carry_kernel(dh_k, dh_v, hk_c, hv_c, carry, K: tl.constexpr, V: tl
 @triton.jit
 def nha_bwd_slot_kernel(
     qs, ks, v, g, s, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
-    dks, dvs, ds, dg,
+    dks, dvs, ds, dg, unsafe,
     scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
-    LOWP_KV: tl.constexpr, DOT: tl.constexpr,
+    LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr,
 ):
     """Slot-branch gradients of the chunk's shifted tokens, stored at their tokens p - W:
     dks [B*T,H,K], dvs [B*T,H,V] (fp32 scratch), ds, dg [B*T,H,M] (input dtype). CHAIN (s
     derived): dg includes the path through s = 1 - exp(g), dg - ds exp(g), and ds is not stored.
     Operand modes: LOWP for the dots behind ds and dg (X1 - S dS cancels), LOWP_KV for those
-    that only build dks, dvs."""
+    that only build dks, dvs. PATH: DECAY_ANY, one launch choosing the decays per chunk at run
+    time; or the two launches of TWO_LAUNCHES with unsafe [blocks, H], as nha_fwd_kernel
+    (configs.BWD_SLOT_SPLIT)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
+    run = True
+    if PATH == DECAY_PAIRWISE:
+        run = tl.load(unsafe + i_b * H + i_h) != 0
+    if run:
+        i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
+        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S, G_FLOOR)
+        go = True
+        if PATH == DECAY_FACTORED:
+            go = flag_unsafe(unsafe, i_b * H + i_h, b_gc, SAFE2)
+        if go:
+            bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
+                           b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, G, K, V, M,
+                           BT, BK, BV, BM, CHAIN, G_FLOOR, SAFE2, LOWP, LOWP_KV, DOT, PATH)
+
+
+@triton.jit
+def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
+                   b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
+                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
+                   CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
+                   LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
+    """nha_bwd_slot_kernel's work for chunk i_c of sequence i_n and KV head i_h, its gates
+    (Gc, Gc_last, S) loaded, decays by PATH."""
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -312,7 +337,6 @@ def nha_bwd_slot_kernel(
     b_dhk, b_dhv = load_states(dh_k, dh_v, i_next, K, V, M, BK, BV, BM)
     b_carry = tl.load(carry + i_next * M + o_m, mask=m_m, other=0.0)                             # [BM]
 
-    b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
@@ -336,15 +360,15 @@ def nha_bwd_slot_kernel(
         b_x1 += tl.load(x1_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
         # readouts at t >= j inside the chunk
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                      # [BT, BT]
-        b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT, DECAY_ANY) * scale
+        b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT, PATH) * scale
         b_a = tl.dot(b_do, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)
-        b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE2, LOWP, DOT, DECAY_ANY)
-        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, DECAY_ANY)                          # [BT(t), BT(j)]
+        b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE2, LOWP, DOT, PATH)
+        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, PATH)                          # [BT(t), BT(j)]
         if LOWP_KV != LOWP:
             b_qs = _op(b_qs, LOWP_KV)
             b_do = _op(b_do, LOWP_KV)
         b_dks += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_qs, input_precision=DOT) * scale
-        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, DECAY_ANY)
+        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, PATH)
         b_dvs += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_do, input_precision=DOT)
 
     # gate: dGt[p] = sum_{p' >= p} (X1 - S dS)[p'], the part beyond this chunk is <dH_end, H_next>
@@ -559,13 +583,16 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
         dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
         dvs = torch.empty(B * T, H, V, **f32)
-        nha_bwd_slot_kernel[(NB, H)](
-            qsf, ksf, vf, gf, s_arg, dof, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
-            cu, chunk_off, block_map, dks, dvs, ds, dg,
-            p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
-            LOWP_SL, LOWP_KV, DOT,
-            num_warps=warps,
-        )
+        split = {"always": True, "never": False, "bf16": LOWP_SL == LOWP_KV == OP_BF16}[configs.BWD_SLOT_SPLIT]
+        unsafe = torch.empty(NB, H, dtype=torch.int8, device=dev)
+        for path in TWO_LAUNCHES if split else (DECAY_ANY.value,):
+            nha_bwd_slot_kernel[(NB, H)](
+                qsf, ksf, vf, gf, s_arg, dof, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
+                cu, chunk_off, block_map, dks, dvs, ds, dg, unsafe,
+                p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
+                LOWP_SL, LOWP_KV, DOT, path,
+                num_warps=warps,
+            )
         del ps_buf, dls_buf, x1_buf, dh_k, dh_v, dh0k, dh0v, carry   # (dh0k/dh0v: dh_k/dh_v or the outputs dhk0/dhv0)
     else:
         dg = torch.empty(B * T, H, M, dtype=dt, device=dev)

@@ -90,6 +90,15 @@ WINDOW_SPLIT = True
 # ran 0.500. gpu-b at 168: 0.937 against 1.075 ms.
 FWD_MAX_REGISTERS = 128
 
+# nha_bwd_slot_kernel in two launches, factored decays then the pairwise fallback (forward.py,
+# TWO_LAUNCHES): "bf16" for bf16 slot operands only, "always", "never" (one launch branching per
+# chunk). Split, the bf16 build's factored launch ran 1.02 ms at gpu-a on an H200 against 1.23
+# for one launch (2026-12-03). The fp32-operand builds (float16 and float32 inputs, narrow heads)
+# stay whole: split, the factored float16 build needed 320 KiB of shared memory under Triton 3.6
+# (OutOfResources on the GPU; 224 KiB whole). "always" is for the interpreter tests, which cannot
+# run bf16 inputs.
+BWD_SLOT_SPLIT = "bf16"
+
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
 # operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
 # dots made nha_fwd_kernel (Triton 3.6, H200, 2026-12-02) access shared memory out of range

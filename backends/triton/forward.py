@@ -34,8 +34,8 @@ log2(e) is folded into the logit scale.
 The intra-chunk decay ``D[t,j,m] = exp(Gc[t,m] - Gc[j,m])`` (j <= t) is applied either factored,
 ``exp(Gc[t]) * exp(-Gc[j])`` inside two dots, when every Gc of the chunk lies in
 ``[-SAFE_LIMIT, SAFE_LIMIT]`` (no overflow possible), or explicitly pair by pair otherwise
-(resets ``g = -inf`` and very strong decays; slower, never NaN; nha_fwd_kernel runs it in a
-launch of its own). ``decay_apply``,
+(resets ``g = -inf`` and very strong decays; slower, never NaN; nha_fwd_kernel and, for bf16
+operands, nha_bwd_slot_kernel run it in a launch of their own). ``decay_apply``,
 ``decay_apply_t`` and ``decay_weights`` below are the three contractions both paths provide; the
 backward reuses them.
 
@@ -153,9 +153,8 @@ DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE = tl.constexpr(0), tl.constexpr(1), tl
 # nha_fwd_kernel runs twice: PATH = DECAY_FACTORED for every chunk whose decays factor, flagging
 # the others in an int8 [blocks, heads] buffer (flag_unsafe), then PATH = DECAY_PAIRWISE for the
 # flagged programs only (the others return after reading their flag). Kept apart, the pairwise code
-# does not raise the common path's registers. (nha_bwd_slot_kernel, split the same way, ran its
-# factored path 1.23 -> 1.02 ms at gpu-a, but its float16 build then needed 320 KiB of shared
-# memory under Triton 3.6; it keeps one launch until that is fixed: triton_tuning_notes.md.)
+# does not raise the common path's registers. nha_bwd_slot_kernel does the same for bf16 slot
+# operands (backward.py says why not for fp32 ones).
 TWO_LAUNCHES = (DECAY_FACTORED.value, DECAY_PAIRWISE.value)
 
 
