@@ -584,7 +584,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
         dvs = torch.empty(B * T, H, V, **f32)
         split = {"always": True, "never": False, "bf16": LOWP_SL == LOWP_KV == OP_BF16}[configs.BWD_SLOT_SPLIT]
-        unsafe = torch.empty(NB, H, dtype=torch.int8, device=dev)
+        unsafe = torch.empty(NB, H, dtype=torch.int8, device=dev) if split else carry   # carry: never read
         for path in TWO_LAUNCHES if split else (DECAY_ANY.value,):
             nha_bwd_slot_kernel[(NB, H)](
                 qsf, ksf, vf, gf, s_arg, dof, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
