@@ -7,8 +7,9 @@ such as ``num_warps`` becomes a constant). For every variant, in this order:
    backward in bfloat16 and float32 at an odd T, GQA, W not a multiple of the blocks, M = 64
    and M = 16 (SPEC section 5 bounds: 2e-2 and 1e-3);
 2. agreement with the first variant's output at the benchmark shape (same inputs);
-3. median device time (triton.testing.do_bench) of the whole API call per mode, and the
-   per-kernel split of the first mode (torch.profiler, mean of 5 calls).
+3. median device time (triton.testing.do_bench) of the whole API call per mode, its peak device
+   memory above what was allocated before it, and the per-kernel split (torch.profiler, mean of
+   5 calls); for the backward, agreement of the gradients with the first variant's.
 
     python3 asv_bench/tune_gpu.py --shape gpu-a --modes forward,backward \\
         --variant base: --variant w8:num_warps=8,num_stages=2 --out DIR
@@ -207,7 +208,7 @@ def main():
         x = common.make_inputs(shape, lib="torch", tokens=1)
     else:
         x = common.make_inputs(shape, lib="torch")
-    records, baseline = [], None
+    records, baseline, baseline_grads = [], None, None
     for name, overrides in variants:
         rec = {"variant": name, "overrides": overrides, "shape": shape.name, "backend": args.backend}
         try:
@@ -229,6 +230,13 @@ def main():
                     torch.cuda.synchronize()
                     rec[f"{mode}_ms"] = common.gpu_time_ms(fn)
                     rec[f"{mode}_ms_again"] = common.gpu_time_ms(fn)  # the spread between two timings
+                    rec[f"{mode}_peak_mib"] = round(common.gpu_peak_bytes(fn) / 2**20, 1)
+                    if mode == "backward":
+                        grads = [a.float() for a in fn()[:4]]
+                        baseline_grads = baseline_grads or grads
+                        rec["grads_vs_first"] = max(float((a - b).norm() / b.norm())
+                                                    for a, b in zip(grads, baseline_grads))
+                        del grads
                     rec[f"{mode}_kernels"] = kernel_split(fn)
         except Exception as error:  # record and go on with the next variant
             rec["error"] = f"{type(error).__name__}: {error}"[:400]
@@ -236,10 +244,11 @@ def main():
         records.append(rec)
         print(json.dumps(rec), flush=True)
         torch.cuda.empty_cache()
-    print(f"\n{'variant':<18} {'check':<6} {'vs_first':>9} " + " ".join(f"{m + ' ms':>16}" for m in args.modes.split(",")))
+    print(f"\n{'variant':<18} {'check':<6} {'vs_first':>9} "
+          + " ".join(f"{m + ' ms, peak MiB':>26}" for m in args.modes.split(",")))
     for rec in records:
         times = " ".join(f"{rec.get(m + '_ms', float('nan')):>7.3f}/{rec.get(m + '_ms_again', float('nan')):<8.3f}"
-                         for m in args.modes.split(","))
+                         f"{rec.get(m + '_peak_mib', float('nan')):>9.1f}" for m in args.modes.split(","))
         ok = "ERR" if "error" in rec else ("ok" if rec.get("check_ok", True) else "FAIL")
         print(f"{rec['variant']:<18} {ok:<6} {rec.get('vs_first', float('nan')):>9.2e} {times}")
     if args.out:

@@ -341,3 +341,97 @@ def test_backward_side_buffers_live_one_step_at_a_time(small_tiles, monkeypatch)
     allowed = f32 * max(state_pass, slot_kernel)
     everything = f32 * (state_pass + N * H * M + N * H * (K + V) + N * H * (K + V))  # + dg, dks/dvs, dk/dv
     assert live["peak"] <= allowed < everything, (live["peak"], allowed, everything)
+
+
+def _backward(p, x, n, o, lse, do):
+    return tb.backward(p, do, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], o, lse,
+                       n["hk0"], n["hv0"], n["cu"])
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=2, T=37, HQ=8, H=4, K=16, V=12, M=5, W=7),                              # GQA 2, the walk
+    dict(B=1, T=40, HQ=4, H=4, K=16, V=16, M=5, W=3, seqlens=(7, 0, 23, 10), explicit=True, initial=True),
+    dict(B=1, T=33, HQ=4, H=4, K=16, V=16, M=0, W=9),                              # no slots
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_backward_head_groups_match_all_heads(case, small_tiles, monkeypatch):
+    """The backward over groups of KV heads (configs.BWD_SCRATCH_LIMIT) computes what it computes
+    with all heads at once, bit for bit: every program does the same work on views that start at
+    its group's first head. Groups of 2 and of 1 head, GQA, varlen with an initial state, q_slot /
+    k_slot / s given, and the chunk-state walk as well as the scan."""
+    p, x = make(11, **case)
+    if case["B"] == 2:
+        monkeypatch.setattr(tc, "STATE_PASS", "walk")
+    n = native(p, x)
+    o, lse, _, _ = tf.forward(p, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"],
+                              n["hk0"], n["hv0"], n["cu"])
+    do = torch.from_numpy(np.random.default_rng(3).standard_normal(o.shape)).to(o.dtype)
+    groups = []
+    monkeypatch.setattr(tb, "head_groups", lambda *a: groups[-1])
+    results = {}
+    for count in (1, 2, 4):
+        groups.append(count)
+        results[count] = _backward(p, x, n, o, lse, do)
+    for count in (2, 4):
+        for name, a, b in zip(("dq", "dk", "dv", "dg", "ds", "dq_slot", "dk_slot", "dhk0", "dhv0"),
+                              results[1], results[count]):
+            assert (a is None) == (b is None), name
+            assert a is None or torch.equal(a, b), (count, name)
+    check(p, x)   # and the grouped result against the oracle (one group here: small problem)
+
+
+def test_head_groups_choice(monkeypatch):
+    """Four groups of four heads at gpu-a and gpu-b (bf16, K = V = M = 64), where all heads at once
+    would hold about the io bytes of scratch; one group for a problem whose scratch is small, or
+    with the limit off."""
+    import types
+
+    gpu_b = types.SimpleNamespace(B=1, T=32768, HQ=16, H=16, G=1, K=64, V=64, M=64)
+    gpu_a = types.SimpleNamespace(B=8, T=4096, HQ=16, H=16, G=1, K=64, V=64, M=64)
+    assert tb.head_groups(gpu_b, True, 32768 // 64 + 1, 2) == 4
+    assert tb.head_groups(gpu_a, True, 8 * 4096 // 64 + 8, 2) == 4
+    assert tb.head_groups(types.SimpleNamespace(B=1, T=4096, HQ=16, H=16, G=1, K=64, V=64, M=64),
+                          True, 65, 2) == 1
+    monkeypatch.setattr(tc, "BWD_SCRATCH_LIMIT", None)
+    assert tb.head_groups(gpu_b, True, 32768 // 64 + 1, 2) == 1
+
+
+def test_backward_head_groups_bound_the_scratch(small_tiles, monkeypatch):
+    """With KV heads in groups the scratch alive at once is one group's: four single-head groups
+    peak at the outputs plus a quarter of the all-heads scratch (the allocations counted as in
+    test_backward_side_buffers_live_one_step_at_a_time)."""
+    import weakref
+
+    B, T, HQ, H, K, V, M, W = 1, 48, 4, 4, 16, 16, 16, 8
+    p, x = make(9, B, T, HQ, H, K, V, M, W)
+    n = native(p, x)
+    o, lse, _, _ = tf.forward(p, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"],
+                              n["hk0"], n["hv0"], n["cu"])
+    do = torch.ones_like(o)
+    live = {"now": 0, "peak": 0}
+
+    def tracked(make_tensor):
+        def alloc(*a, **kw):
+            t = make_tensor(*a, **kw)
+            if t.is_floating_point():
+                size = t.numel() * t.element_size()
+                live["now"] += size
+                live["peak"] = max(live["peak"], live["now"])
+                weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - size))
+            return t
+        return alloc
+
+    peaks = {}
+    for count in (1, 4):
+        monkeypatch.setattr(tb, "head_groups", lambda *a: count)
+        live.update(now=0, peak=0)
+        with pytest.MonkeyPatch.context() as counting:
+            counting.setattr(torch, "empty", tracked(torch.empty))
+            counting.setattr(torch, "zeros", tracked(torch.zeros))
+            grads = _backward(p, x, n, o, lse, do)
+        peaks[count] = live["peak"]
+        del grads
+    f32, R, N = 4, T // 16 + 1, B * T
+    outputs = f32 * N * (HQ * K + H * (M + K + V))                   # dq, dg, dk, dv
+    per_head = tb.scratch_per_head(p, False, R)
+    assert per_head * H > f32 * N * HQ * M                           # the scratch is worth splitting
+    assert peaks[4] <= outputs + per_head < peaks[1], (peaks, outputs, per_head)

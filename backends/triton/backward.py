@@ -73,14 +73,17 @@ def dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_dq, qk2,
 def nha_bwd_q_kernel(
     q, k, v, qs, ks, g, s, hk_c, hv_c, o, do, lse, cu, chunk_off, block_map,
     dq, dq_slot, ps_buf, dls_buf, x1_buf, d_buf,
-    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, HAS_QSLOT: tl.constexpr, IS_VARLEN: tl.constexpr,
     G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, LOWP_DQ: tl.constexpr, DOT: tl.constexpr,
 ):
     """dq [B*T,HQ,K] (and dq_slot); Ps, dLs [B*T,HQ,M] (bf16 or fp32), X1 [B*T,HQ,M] fp32;
-    D [B*T,HQ] fp32. Slot dots: LOWP for the logits and readout gradients, LOWP_DQ for dq's."""
+    D [B*T,HQ] fp32. Slot dots: LOWP for the logits and readout gradients, LOWP_DQ for dq's.
+    H, HQ: the heads of this launch (grid, scratch); HS, HS * G: those of the inputs and outputs
+    (head groups, see backward)."""
+    HQS: tl.constexpr = HS * G
     i_b, i_hq = tl.program_id(0), tl.program_id(1)
     i_h = i_hq // G
     i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
@@ -95,14 +98,14 @@ def nha_bwd_q_kernel(
     m_tk = m_t[:, None] & m_k[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     qk2 = scale * 1.4426950408889634
-    b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0)      # [BT, BK]
-    b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)    # [BT, BV]
-    b_o = tl.load(o + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)
+    b_q = tl.load(q + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0)      # [BT, BK]
+    b_do = tl.load(do + (r_t[:, None] * HQS + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)    # [BT, BV]
+    b_o = tl.load(o + (r_t[:, None] * HQS + i_hq) * V + o_v[None, :], mask=m_tv, other=0.0)
     b_D = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)                                   # [BT]
     if IS_VARLEN:
         p_lse = lse + i_hq * T_lse + bos + o_t
     else:
-        p_lse = lse + (i_n * HQ + i_hq) * T_lse + o_t
+        p_lse = lse + (i_n * HQS + i_hq) * T_lse + o_t
     b_lse = tl.load(p_lse, mask=m_t, other=0.0)
     # rows with no logit at all (M = 0, W = 0) have lse = -inf and no gradient
     b_lse2 = tl.where(b_lse == float("-inf"), float("inf"), b_lse * 1.4426950408889634)
@@ -111,10 +114,10 @@ def nha_bwd_q_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SLOTS:
         c0 = tl.load(chunk_off + i_n).to(tl.int64)
-        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
-        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, HAS_S, G_FLOOR)
+        b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
         b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
-        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0), LOWP)
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0), LOWP)
         b_dof = _op(b_do, LOWP)
         b_eg = tl.exp2(b_gc)
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                        # [BT, BT]
@@ -140,41 +143,42 @@ def nha_bwd_q_kernel(
         b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_DQ, DOT, DECAY_ANY), LOWP_DQ), _op(b_ks, LOWP_DQ),
                         input_precision=DOT)
         if HAS_QSLOT:
-            tl.store(dq_slot + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+            tl.store(dq_slot + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :],
                      (b_dqs * scale).to(dq_slot.dtype.element_ty), mask=m_tk)
         else:
             b_dq += b_dqs
 
     if W > 0:
         b_w = tl.zeros([BT, BK], dtype=tl.float32)
-        p_k = k + (bos * H + i_h) * K
-        p_v = v + (bos * H + i_h) * V
+        p_k = k + (bos * HS + i_h) * K
+        p_v = v + (bos * HS + i_h) * V
         lo, a, b0, b1, c, hi = window_ranges(t0, T_n, W, BT, BS)
         for i_s in range(lo, a, BS):
             b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
-                           H * K, H * V, K, V, BS, BK, BV, True, DOT)
+                           HS * K, HS * V, K, V, BS, BK, BV, True, DOT)
         for i_s in range(b0, b1, BS):
             b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
-                           H * K, H * V, K, V, BS, BK, BV, False, DOT)
+                           HS * K, HS * V, K, V, BS, BK, BV, False, DOT)
         for i_s in range(c, hi, BS):
             b_w = dq_block(b_q, b_do, b_lse2, b_D, p_k, p_v, i_s, o_t, T_n, W, b_w, qk2,
-                           H * K, H * V, K, V, BS, BK, BV, True, DOT)
+                           HS * K, HS * V, K, V, BS, BK, BV, True, DOT)
         b_dq += b_w
-    tl.store(dq + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
+    tl.store(dq + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :], (b_dq * scale).to(dq.dtype.element_ty),
              mask=m_tk)
 
 
 @triton.jit
 def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
-                     HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                      G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
     """What chunk i_c does to the state gradient (slots o_m): dH_start = a * dH_end + (Lk, Lv),
-    a = 2^Gc_last [BM], Lk = scale sum_heads Qs^T (dLs 2^Gc) [BK, BM], Lv = sum_heads (Ps 2^Gc)^T do."""
+    a = 2^Gc_last [BM], Lk = scale sum_heads Qs^T (dLs 2^Gc) [BK, BM], Lv = sum_heads (Ps 2^Gc)^T do.
+    Ps, dLs have HQ heads, qs, do, g HS * G and HS (nha_bwd_q_kernel)."""
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, False, G_FLOOR)
+    b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, False, G_FLOOR)
     b_eg = tl.exp2(b_gc)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -185,9 +189,9 @@ def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, sca
     for i_g in range(0, G):
         i_hq = i_h * G + i_g
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        b_qs = tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+        b_qs = tl.load(qs + (r_t[:, None] * HS * G + i_hq) * K + o_k[None, :],
                        mask=m_t[:, None] & m_k[None, :], other=0.0)                          # [BT, BK]
-        b_do = tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
+        b_do = tl.load(do + (r_t[:, None] * HS * G + i_hq) * V + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.0)                          # [BT, BV]
         b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                 # [BT, BM]
         b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
@@ -199,14 +203,14 @@ def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, sca
 @triton.jit
 def nha_bwd_state_kernel(
     qs, do, g, ps_buf, dls_buf, dh_k, dh_v, dhk0, dhv0, cu, chunk_off,
-    scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    scale, W, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_H0: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
     """State-gradient walk (configs.STATE_PASS "walk"), slots i_m*BM ..: dh_k [R,H,K,M],
     dh_v [R,H,M,V] row chunk_off + c = gradient w.r.t. the state at the start of chunk c (the
-    last row, after the last chunk, is 0); dhk0, dhv0 [N,H,..] fp32."""
+    last row, after the last chunk, is 0); dhk0, dhv0 [N,HS,..] fp32 (HS: nha_bwd_q_kernel)."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, T_n = sequence_span(cu, i_n)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
@@ -227,20 +231,20 @@ def nha_bwd_state_kernel(
         tl.store(dh_k + i_state * K * M + o_km, b_dhk.to(dh_k.dtype.element_ty), mask=m_km)
         tl.store(dh_v + i_state * M * V + o_mv, b_dhv.to(dh_v.dtype.element_ty), mask=m_mv)
         b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
-                                           HQ, H, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
+                                           HQ, H, HS, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
         b_dhk = b_dhk * b_a[None, :] + b_lk
         b_dhv = b_dhv * b_a[:, None] + b_lv
     tl.store(dh_k + (c0 * H + i_h) * K * M + o_km, b_dhk.to(dh_k.dtype.element_ty), mask=m_km)
     tl.store(dh_v + (c0 * H + i_h) * M * V + o_mv, b_dhv.to(dh_v.dtype.element_ty), mask=m_mv)
     if HAS_H0:
-        tl.store(dhk0 + (i_n * H + i_h) * K * M + o_km, b_dhk, mask=m_km)
-        tl.store(dhv0 + (i_n * H + i_h) * M * V + o_mv, b_dhv, mask=m_mv)
+        tl.store(dhk0 + (i_n * HS + i_h) * K * M + o_km, b_dhk, mask=m_km)
+        tl.store(dhv0 + (i_n * HS + i_h) * M * V + o_mv, b_dhv, mask=m_mv)
 
 
 @triton.jit
 def nha_bwd_state_local_kernel(
     qs, do, g, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map,
-    scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    scale, W, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
@@ -252,7 +256,7 @@ def nha_bwd_state_local_kernel(
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
     b_a, b_lk, b_lv = bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, scale,
-                                       HQ, H, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
+                                       HQ, H, HS, G, K, V, M, BT, BK, BV, BM, G_FLOOR, LOWP, DOT)
     store_chunk_row(dh_k, dh_v, a_c, (c0 + i_c) * H + i_h, b_a, b_lk, b_lv, o_m, K, V, M, BK, BV)
 
 
@@ -286,7 +290,7 @@ def nha_state_carry_kernel(dh_k, dh_v, hk_c, hv_c, carry, K: tl.constexpr, V: tl
 def nha_bwd_slot_kernel(
     qs, ks, v, g, s, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, cu, chunk_off, block_map,
     dks, dvs, ds, dg, unsafe,
-    scale, W, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    scale, W, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
@@ -298,27 +302,28 @@ def nha_bwd_slot_kernel(
     Operand modes: LOWP for the dots behind ds and dg (X1 - S dS cancels), LOWP_KV for those
     that only build dks, dvs. PATH: DECAY_ANY, one launch choosing the decays per chunk at run
     time; or the two launches of TWO_LAUNCHES with unsafe [blocks, H], as nha_fwd_kernel
-    (configs.BWD_SLOT_SPLIT)."""
+    (configs.BWD_SLOT_SPLIT). H, HQ: the heads of this launch, HS: those of the inputs and ds, dg
+    (nha_bwd_q_kernel)."""
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     run = True
     if PATH == DECAY_PAIRWISE:
         run = tl.load(unsafe + i_b * H + i_h) != 0
     if run:
         i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
-        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S, G_FLOOR)
+        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), HS, M, BT, HAS_S, G_FLOOR)
         go = True
         if PATH == DECAY_FACTORED:
             go = flag_unsafe(unsafe, i_b * H + i_h, b_gc, SAFE2)
         if go:
             bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
-                           b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, G, K, V, M,
+                           b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, HS, G, K, V, M,
                            BT, BK, BV, BM, CHAIN, G_FLOOR, SAFE2, LOWP, LOWP_KV, DOT, PATH)
 
 
 @triton.jit
 def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
                    b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
-                   HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                    CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
                    LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
@@ -338,7 +343,7 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     b_carry = tl.load(carry + i_next * M + o_m, mask=m_m, other=0.0)                             # [BM]
 
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
-    b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
+    b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
     b_dec = tl.exp2(b_glast[None, :] - b_gc)                                                     # [BT, BM]
     b_wend = _op(b_sx * b_dec, LOWP_KV)
@@ -351,9 +356,9 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     for i_g in range(0, G):
         i_hq = i_h * G + i_g
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        b_qs = _op(tl.load(qs + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HS * G + i_hq) * K + o_k[None, :],
                            mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
-        b_do = _op(tl.load(do + (r_t[:, None] * HQ + i_hq) * V + o_v[None, :],
+        b_do = _op(tl.load(do + (r_t[:, None] * HS * G + i_hq) * V + o_v[None, :],
                            mask=m_t[:, None] & m_v[None, :], other=0.0), LOWP)              # [BT, BV]
         b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                  # [BT, BM]
         b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
@@ -380,7 +385,7 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     tl.store(dks + (r_j[:, None] * H + i_h) * K + o_k[None, :], b_dks, mask=m_j[:, None] & m_k[None, :])
     tl.store(dvs + (r_j[:, None] * H + i_h) * V + o_v[None, :], b_dvs, mask=m_j[:, None] & m_v[None, :])
     m_jm = m_j[:, None] & m_m[None, :]
-    o_jm = (r_j[:, None] * H + i_h) * M + o_m[None, :]
+    o_jm = (r_j[:, None] * HS + i_h) * M + o_m[None, :]
     if CHAIN:
         # ds/dg = -exp(g) for the derived s; reloaded (L2-hot) rather than kept live, exp(G_FLOOR) = 0
         b_g = tl.maximum(tl.load(g + o_jm, mask=m_jm, other=0.0).to(tl.float32), G_FLOOR)      # [BT, BM]
@@ -420,14 +425,16 @@ def dkv_block(b_k, b_v, p_q, p_do, p_lse, p_D, i_t, o_s, T_n, W, b_dk, b_dv, qk2
 @triton.jit
 def nha_bwd_kv_kernel(
     q, k, v, do, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
-    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
+    scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, ADD_KS: tl.constexpr, HAS_DS: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """dk [B*T,H,K], dv [B*T,H,V]: window part over the group's queries + slot parts dks, dvs;
-    zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W)."""
+    zeros into ds, dg [B*T,H,M] for the tokens that never reach the slots (j >= T_n - W). d_buf,
+    dks, dvs have the launch's HQ, H heads; inputs and outputs HS * G, HS (nha_bwd_q_kernel)."""
+    HQS: tl.constexpr = HS * G
     i_b, i_h = tl.program_id(0), tl.program_id(1)
     i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     s0 = i_c * BT
@@ -440,8 +447,8 @@ def nha_bwd_kv_kernel(
     m_sk = m_s[:, None] & m_k[None, :]
     m_sv = m_s[:, None] & m_v[None, :]
     qk2 = scale * 1.4426950408889634
-    b_k = tl.load(k + (r_s[:, None] * H + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)       # [BT, BK]
-    b_v = tl.load(v + (r_s[:, None] * H + i_h) * V + o_v[None, :], mask=m_sv, other=0.0)       # [BT, BV]
+    b_k = tl.load(k + (r_s[:, None] * HS + i_h) * K + o_k[None, :], mask=m_sk, other=0.0)       # [BT, BK]
+    b_v = tl.load(v + (r_s[:, None] * HS + i_h) * V + o_v[None, :], mask=m_sv, other=0.0)       # [BT, BV]
     # the slot parts seed the accumulators (loaded after the window loop they stayed live
     # through it and doubled the register spills)
     if HAS_SLOTS:
@@ -455,7 +462,7 @@ def nha_bwd_kv_kernel(
             b_dk = tl.zeros([BT, BK], dtype=tl.float32)
         o_m = tl.arange(0, BM)
         m_tail = (m_s & (o_s + W >= T_n))[:, None] & (o_m < M)[None, :]
-        o_sm = (r_s[:, None] * H + i_h) * M + o_m[None, :]
+        o_sm = (r_s[:, None] * HS + i_h) * M + o_m[None, :]
         b_zero = tl.zeros([BT, BM], dtype=tl.float32)
         if HAS_DS:
             tl.store(ds + o_sm, b_zero.to(ds.dtype.element_ty), mask=m_tail)
@@ -469,29 +476,101 @@ def nha_bwd_kv_kernel(
         hi = tl.minimum(s0 + BT - 1 + W, T_n)
         for i_g in range(0, G):
             i_hq = i_h * G + i_g
-            p_q = q + (bos * HQ + i_hq) * K
-            p_do = do + (bos * HQ + i_hq) * V
+            p_q = q + (bos * HQS + i_hq) * K
+            p_do = do + (bos * HQS + i_hq) * V
             if IS_VARLEN:
                 p_lse = lse + i_hq * T_lse + bos
             else:
-                p_lse = lse + (i_n * HQ + i_hq) * T_lse
+                p_lse = lse + (i_n * HQS + i_hq) * T_lse
             p_D = d_buf + bos * HQ + i_hq
             for i_t in range(s0, hi, BT):
                 b_dk, b_dv = dkv_block(b_k, b_v, p_q, p_do, p_lse, p_D, i_t, o_s, T_n, W, b_dk, b_dv, qk2, scale,
-                                       HQ * K, HQ * V, HQ, K, V, BT, BK, BV, True, DOT)
-    tl.store(dk + (r_s[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_sk)
-    tl.store(dv + (r_s[:, None] * H + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_sv)
+                                       HQS * K, HQS * V, HQ, K, V, BT, BK, BV, True, DOT)
+    tl.store(dk + (r_s[:, None] * HS + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_sk)
+    tl.store(dv + (r_s[:, None] * HS + i_h) * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_sv)
+
+
+def scratch_per_head(p, low: bool, R: int) -> int:
+    """Bytes of scratch one KV head holds at the backward's fullest step: D, Ps, dLs, X1, the
+    state gradients, the scan's decays or the carries, and either the recomputed chunk states
+    (state pass, carry) or the slot parts of dk, dv (slot kernel); the two never coexist (module
+    docstring, step 4)."""
+    rows, G, K, V, M = p.B * p.T, p.G, p.K, p.V, p.M
+    if M == 0 or p.T == 0:
+        return rows * G * 4
+    size = lambda bf16: 2 if low and bf16 else 4  # noqa: E731
+    side = rows * G * M * (2 * size(configs.BWD_BF16_PS_DLS) + size(configs.BWD_BF16_X1))
+    dh = R * (K * M + M * V) * size(configs.BWD_BF16_DH)
+    states = R * (K * M + M * V) * size(configs.BWD_BF16_STATES)
+    return rows * G * 4 + side + dh + R * M * 4 + max(states, rows * (K + V) * 4)
+
+
+def head_groups(p, low: bool, R: int, item: int) -> int:
+    """How many groups of KV heads the backward runs in turn (configs.BWD_SCRATCH_LIMIT): the
+    fewest, dividing H, whose scratch stays within the limit times the bytes of the inputs q, k,
+    v, g, do, the output o and the gradients; one when all heads need less than
+    configs.BWD_SCRATCH_SPLIT_BYTES. ``item``: bytes per input element."""
+    per_head = scratch_per_head(p, low, R)
+    if configs.BWD_SCRATCH_LIMIT is None or per_head * p.H < configs.BWD_SCRATCH_SPLIT_BYTES:
+        return 1
+    rows = p.B * p.T
+    io = 2 * rows * (p.HQ * p.K + p.H * (p.K + p.V + p.M) + p.HQ * p.V) * item
+    for groups in range(1, p.H + 1):
+        if p.H % groups == 0 and per_head * (p.H // groups) <= configs.BWD_SCRATCH_LIMIT * io:
+            return groups
+    return p.H
 
 
 def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens):
     """(dq, dk, dv, dg, ds, dq_slot, dk_slot, dhk0, dhv0); see nha_core.registry for shapes.
     ``s`` None means s = 1 - exp(g) (computed in the kernels); with configs.BWD_CHAIN_DERIVED_S
     dg then includes the path through that s and ds is None, otherwise ds is the gradient
-    w.r.t. the derived s and the API chains it into dg."""
-    B, T, HQ, H, K, V, M, G = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.G
+    w.r.t. the derived s and the API chains it into dg.
+
+    The kernels run once per group of KV heads (head_groups; one group unless the scratch would
+    pass configs.BWD_SCRATCH_LIMIT): each group's scratch is allocated and freed before the next
+    group's, and its kernels take the inputs and outputs as views that start at the group's first
+    head (their head stride stays the problem's)."""
+    B, T, HQ, H, G = p.B, p.T, p.HQ, p.H, p.G
     dev, dt = q.device, q.dtype
-    f32 = dict(dtype=torch.float32, device=dev)
     cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev, backward=True)
+    flats = dict(q=flat(q, HQ), k=flat(k, H), v=flat(v, H), g=flat(g, H), do=flat(do, HQ), o=flat(o, HQ),
+                 s=flat(s, H) if s is not None else None,
+                 qs=flat(q_slot, HQ) if q_slot is not None else None,
+                 ks=flat(k_slot, H) if k_slot is not None else None,
+                 hk0=hk0.contiguous().float() if hk0 is not None else None,
+                 hv0=hv0.contiguous().float() if hv0 is not None else None)
+    lse = lse.contiguous()
+    chain = s is None and configs.BWD_CHAIN_DERIVED_S
+    # Outputs are allocated where the first group first writes them (the single-group peak is
+    # the largest step's working set, not the sum of all), and kept for the later groups.
+    out = dict(dq=None, dq_slot=None, dk=None, dv=None, dg=None, ds=None, dk_slot=None,
+               dhk0=torch.zeros(p.N, H, p.K, p.M, dtype=torch.float32, device=dev) if hk0 is not None else None,
+               dhv0=torch.zeros(p.N, H, p.M, p.V, dtype=torch.float32, device=dev) if hk0 is not None else None)
+    groups = head_groups(p, lowp(p), R, q.element_size())
+    HG = H // groups
+    for h0 in range(0, H, HG):
+        kv_heads, q_heads = slice(h0, h0 + HG), slice(h0 * G, (h0 + HG) * G)
+        view = {name: (None if x is None else x[:, q_heads] if name in ("q", "do", "o", "qs") else x[:, kv_heads])
+                for name, x in flats.items()}
+        backward_heads(p, HG, view, lse[:, q_heads], out, q_heads, kv_heads, chain, cu, chunk_off, block_map,
+                       NB, R, BT, longest, cu_seqlens is not None, dt)
+    shape = lambda x, heads: x.reshape(B, T, heads, x.shape[-1])  # noqa: E731
+    return (shape(out["dq"], HQ), shape(out["dk"], H), shape(out["dv"], H), shape(out["dg"], H),
+            None if chain else shape(out["ds"], H),
+            shape(out["dq_slot"], HQ) if q_slot is not None else None,
+            shape(out["dk_slot"], H) if k_slot is not None else None, out["dhk0"], out["dhv0"])
+
+
+def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, block_map, NB, R, BT, longest,
+                   varlen, dt):
+    """The backward of KV heads ``kv_heads`` (H of them, with their HQ = H * G query heads): ``x``
+    holds the inputs as views from the group's first head, ``out`` the outputs (allocated here
+    when None, for all heads). Scratch has the group's heads only."""
+    B, T, G, K, V, M, HS = p.B, p.T, p.G, p.K, p.V, p.M, p.H
+    HQ = H * G
+    dev = x["q"].device
+    f32 = dict(dtype=torch.float32, device=dev)
     BK, BV, BM = configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p))
     # bfloat16 inputs (forward.lowp): which slot-branch data are bfloat16 is configs data (BWD_BF16_*); the gate
     # gradient dg is a reverse cumsum of X1 - S dS whose terms nearly cancel, so each choice
@@ -507,42 +586,41 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     SAFE2 = safe2()
     warps = configs.bwd_num_warps(K, V, M)
     stages = configs.bwd_num_stages(K, V, M)
-    qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
-    sf = flat(s, H) if s is not None else None
-    dof, of = flat(do, HQ), flat(o, HQ)
-    lse = lse.contiguous()
-    qsf = flat(q_slot, HQ) if q_slot is not None else qf
-    ksf = flat(k_slot, H) if k_slot is not None else kf
-    if hk0 is not None:
-        hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
+    qf, kf, vf, gf, sf, dof, of = x["q"], x["k"], x["v"], x["g"], x["s"], x["do"], x["o"]
+    qsf = x["qs"] if x["qs"] is not None else qf
+    ksf = x["ks"] if x["ks"] is not None else kf
+    hk0, hv0 = x["hk0"], x["hv0"]
     has_slots = M > 0 and T > 0
     b16 = lambda on: torch.bfloat16 if low and on else torch.float32  # noqa: E731
 
-    dq = torch.empty(B * T, HQ, K, dtype=dt, device=dev)
-    dq_slot = torch.zeros(B * T, HQ, K, dtype=dt, device=dev) if q_slot is not None else None
-    chain = s is None and configs.BWD_CHAIN_DERIVED_S
-    # outputs and scratch are allocated where they are first written and side buffers freed after
-    # their last reader, so the peak is the largest step's working set, not the sum of all
+    def output(name, width, query_side=False, zero=False):   # output [B*T, all heads, width]: the group's view
+        if out[name] is None:
+            out[name] = (torch.zeros if zero else torch.empty)(B * T, p.HQ if query_side else HS, width, dtype=dt,
+                                                               device=dev)
+        return out[name][:, q_heads if query_side else kv_heads]
+
+    dq = output("dq", K, query_side=True)
+    dq_slot = output("dq_slot", K, query_side=True, zero=True) if x["qs"] is not None else None
     d_buf = torch.empty(B * T, HQ, **f32)
-    dhk0 = torch.zeros(p.N, H, K, M, **f32) if hk0 is not None else None
-    dhv0 = torch.zeros(p.N, H, M, V, **f32) if hk0 is not None else None
+    dhk0 = out["dhk0"][:, kv_heads] if hk0 is not None else None
+    dhv0 = out["dhv0"][:, kv_heads] if hk0 is not None else None
     s_arg = sf if sf is not None else gf
 
     if has_slots:
         hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                        longest, False, low and configs.BWD_BF16_STATES)
+                                        longest, False, low and configs.BWD_BF16_STATES, heads=H)
         ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
     else:   # placeholders: no kernel reads them without slots
         hk_c = hv_c = ps_buf = dls_buf = x1_buf = dvs = d_buf
-        dks = torch.zeros(B * T, H, K, dtype=dt, device=dev) if k_slot is not None else d_buf
+        dks = torch.zeros(B * T, H, K, dtype=dt, device=dev) if x["ks"] is not None else d_buf
     if NB > 0 and T > 0:
         nha_bwd_q_kernel[(NB, HQ)](
             qf, kf, vf, qsf, ksf, gf, s_arg, hk_c, hv_c, of, dof, lse, cu, chunk_off, block_map,
             dq, dq_slot if dq_slot is not None else dq, ps_buf, dls_buf, x1_buf, d_buf,
-            p.scale, p.W, T, HQ, H, G, K, V, M, BT, BT, BK, BV, BM,
-            has_slots, sf is not None, q_slot is not None, cu_seqlens is not None,
+            p.scale, p.W, T, HQ, H, HS, G, K, V, M, BT, BT, BK, BV, BM,
+            has_slots, sf is not None, x["qs"] is not None, varlen,
             configs.G_FLOOR, SAFE2, LOWP_Q, LOWP_DQ, DOT,
             num_warps=warps, num_stages=stages,
         )
@@ -550,10 +628,10 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
         dh_k = torch.empty(R, H, K, M, dtype=b16(configs.BWD_BF16_DH), device=dev)
         dh_v = torch.empty(R, H, M, V, dtype=b16(configs.BWD_BF16_DH), device=dev)
         BMS = configs.state_slot_tile(M)
-        common = dict(scale=p.scale, W=p.W, HQ=HQ, H=H, G=G, K=K, V=V, M=M, BT=BT, BK=BK, BV=BV, BM=BMS,
+        common = dict(scale=p.scale, W=p.W, HQ=HQ, H=H, HS=HS, G=G, K=K, V=V, M=M, BT=BT, BK=BK, BV=BV, BM=BMS,
                       G_FLOOR=configs.G_FLOOR, LOWP=LOWP_ST, DOT=DOT)
         dh0k, dh0v = (dhk0, dhv0) if dhk0 is not None else (dh_k, dh_v)
-        if state_pass(p, NB, longest) == "walk":
+        if state_pass(p, NB, longest, H) == "walk":
             nha_bwd_state_kernel[(p.N, H, triton.cdiv(M, BMS))](
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, dh0k, dh0v, cu, chunk_off,
                 HAS_H0=hk0 is not None, **common, num_warps=4,
@@ -565,8 +643,8 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
                 num_warps=4,
             )
-            nha_state_scan_kernel[scan_grid(p)](
-                dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, K, V, M, BT,
+            nha_state_scan_kernel[scan_grid(p, H)](
+                dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, HS, K, V, M, BT,
                 configs.scan_width(K, V, M), configs.scan_rows(), False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
@@ -577,11 +655,11 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             dh_k, dh_v, hk_c, hv_c, carry, K, V, M, min(BK, 64), min(BV, 64), BMC, num_warps=4,
         )
         del hk_c, hv_c   # freed before dks, dvs exist (module docstring, step 4)
-        dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
-        ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)   # never written when chained
+        dg = output("dg", M)
+        ds = dg if chain else output("ds", M)   # never written when chained
         # the slot kernel writes the tokens that reach the slots, the kv kernel zeros the rest of
         # ds, dg; dks is returned as dk_slot when k_slot was given, so only then it needs zeros
-        dks = torch.zeros(B * T, H, K, **f32) if k_slot is not None else torch.empty(B * T, H, K, **f32)
+        dks = torch.zeros(B * T, H, K, **f32) if x["ks"] is not None else torch.empty(B * T, H, K, **f32)
         dvs = torch.empty(B * T, H, V, **f32)
         split = {"always": True, "never": False, "bf16": LOWP_SL == LOWP_KV == OP_BF16}[configs.BWD_SLOT_SPLIT]
         unsafe = torch.empty(NB, H, dtype=torch.int8, device=dev) if split else carry   # carry: never read
@@ -589,24 +667,22 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
             nha_bwd_slot_kernel[(NB, H)](
                 qsf, ksf, vf, gf, s_arg, dof, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
                 cu, chunk_off, block_map, dks, dvs, ds, dg, unsafe,
-                p.scale, p.W, HQ, H, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
+                p.scale, p.W, HQ, H, HS, G, K, V, M, BT, BK, BV, BM, sf is not None, chain, configs.G_FLOOR, SAFE2,
                 LOWP_SL, LOWP_KV, DOT, path,
                 num_warps=warps,
             )
         del ps_buf, dls_buf, x1_buf, dh_k, dh_v, dh0k, dh0v, carry   # (dh0k/dh0v: dh_k/dh_v or the outputs dhk0/dhv0)
     else:
-        dg = torch.empty(B * T, H, M, dtype=dt, device=dev)
-        ds = dg if chain else torch.empty(B * T, H, M, dtype=dt, device=dev)
-    dk = torch.empty(B * T, H, K, dtype=dt, device=dev)
-    dv = torch.empty(B * T, H, V, dtype=dt, device=dev)
+        dg = output("dg", M)
+        ds = dg if chain else output("ds", M)
+    dk = output("dk", K)
+    dv = output("dv", V)
     if NB > 0 and T > 0:
         nha_bwd_kv_kernel[(NB, H)](
             qf, kf, vf, dof, lse, d_buf, dks, dvs, cu, block_map, dk, dv, ds, dg,
-            p.scale, p.W, T, HQ, H, G, K, V, M, BT, BK, BV, BM,
-            has_slots, k_slot is None, not chain, cu_seqlens is not None, DOT,
+            p.scale, p.W, T, HQ, H, HS, G, K, V, M, BT, BK, BV, BM,
+            has_slots, x["ks"] is None, not chain, varlen, DOT,
             num_warps=configs.kv_num_warps(K, V), num_stages=stages,
         )
-    shape = lambda x, heads: x.reshape(B, T, heads, x.shape[-1])
-    dk_slot = shape(dks, H).to(dt) if k_slot is not None else None
-    return (shape(dq, HQ), shape(dk, H), shape(dv, H), shape(dg, H), None if chain else shape(ds, H),
-            shape(dq_slot, HQ) if dq_slot is not None else None, dk_slot, dhk0, dhv0)
+    if x["ks"] is not None:
+        output("dk_slot", K).copy_(dks)

@@ -99,6 +99,20 @@ FWD_MAX_REGISTERS = 128
 # run bf16 inputs.
 BWD_SLOT_SPLIT = "bf16"
 
+# Backward scratch limit, as a fraction of the bytes of the inputs (q, k, v, g, do), the output o
+# and the gradients: the backward runs over groups of KV heads, the fewest that keep one group's
+# scratch (recomputed chunk states, state gradients, the Ps/dLs/X1 side buffers, the slot parts
+# of dk and dv: backward.scratch_per_head) within it, each group's scratch freed before the next
+# group's is allocated. None: all heads at once. With every head at once the scratch is about
+# the io bytes (K = V = M = 64, bf16), so SPEC's forward+backward memory target (peak <= 1.3x
+# inputs + outputs + gradients) needs groups; 0.28 leaves room for the small buffers (lse, D,
+# the carries) under 0.3 and gives four groups of four heads at gpu-a and gpu-b. Groups cost
+# launches with fewer programs each, and the chunk-state passes run once per group.
+BWD_SCRATCH_LIMIT = 0.28
+# Scratch below this many bytes (all heads at once) is never split: memory does not limit such
+# problems, and every group adds its launches.
+BWD_SCRATCH_SPLIT_BYTES = 256 << 20
+
 # bfloat16 operands for the slot-branch dots of bfloat16 inputs (forward.lowp); False: fp32
 # operands on TF32 tensor cores, as for float16 inputs. History: with BM = 32 (M = 16) bf16 slot
 # dots made nha_fwd_kernel (Triton 3.6, H200, 2026-12-02) access shared memory out of range

@@ -266,14 +266,16 @@ def fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, K
 @triton.jit
 def nha_fwd_state_kernel(
     ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, cu, chunk_off,
-    W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    W, H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr,
     LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
     """State walk (configs.STATE_PASS "walk"): slots i_m*BM .. of one (sequence, head), chunk
     after chunk: Hk_c [R,H,K,M], Hv_c [R,H,M,V] at every chunk start and after the last chunk
-    (row chunk_off + NT); hk_t, hv_t [N,H,..] after the last chunk (fp32)."""
+    (row chunk_off + NT); hk_t, hv_t [N,H,..] after the last chunk (fp32). H: the heads of
+    this launch (grid, Hk_c, Hv_c); HS: the heads of ks, v, g, s, hk0, hv0, hk_t, hv_t (their head
+    stride; views starting at the launch's first head, see backward.py)."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, T_n = sequence_span(cu, i_n)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
@@ -289,14 +291,14 @@ def nha_fwd_state_kernel(
     b_hk = tl.zeros([BK, BM], dtype=tl.float32)
     b_hv = tl.zeros([BM, BV], dtype=tl.float32)
     if HAS_H0:
-        b_hk += tl.load(hk0 + (i_n * H + i_h) * K * M + o_km, mask=m_km, other=0.0).to(tl.float32)   # [BK, BM]
-        b_hv += tl.load(hv0 + (i_n * H + i_h) * M * V + o_mv, mask=m_mv, other=0.0).to(tl.float32)   # [BM, BV]
+        b_hk += tl.load(hk0 + (i_n * HS + i_h) * K * M + o_km, mask=m_km, other=0.0).to(tl.float32)   # [BK, BM]
+        b_hv += tl.load(hv0 + (i_n * HS + i_h) * M * V + o_mv, mask=m_mv, other=0.0).to(tl.float32)   # [BM, BV]
     NT = tl.cdiv(T_n, BT)
     for i_c in range(0, NT):
         i_state = (c0 + i_c) * H + i_h
         tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
         tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
-        b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+        b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, HS, K, V, M, BT, BK, BV,
                                            HAS_S, G_FLOOR, LOWP, DOT)
         b_hk = b_hk * b_a[None, :] + b_lk
         b_hv = b_hv * b_a[:, None] + b_lv
@@ -304,14 +306,14 @@ def nha_fwd_state_kernel(
     tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
     tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
     if STORE_FINAL:
-        tl.store(hk_t + (i_n * H + i_h) * K * M + o_km, b_hk, mask=m_km)
-        tl.store(hv_t + (i_n * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
+        tl.store(hk_t + (i_n * HS + i_h) * K * M + o_km, b_hk, mask=m_km)
+        tl.store(hv_t + (i_n * HS + i_h) * M * V + o_mv, b_hv, mask=m_mv)
 
 
 @triton.jit
 def nha_fwd_state_local_kernel(
     ks, v, g, s, hk_c, hv_c, a_c, cu, chunk_off, block_map,
-    W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
+    W, H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -322,7 +324,7 @@ def nha_fwd_state_local_kernel(
     i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_m = i_m * BM + tl.arange(0, BM)
-    b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+    b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, HS, K, V, M, BT, BK, BV,
                                        HAS_S, G_FLOOR, LOWP, DOT)
     store_chunk_row(hk_c, hv_c, a_c, (c0 + i_c + 1) * H + i_h, b_a, b_lk, b_lv, o_m, K, V, M, BK, BV)
 
@@ -350,20 +352,21 @@ def _affine(a1, b1, a2, b2):
 
 @triton.jit
 def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl.constexpr,
-              H: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+              H: tl.constexpr, HS: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
               HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, REVERSE: tl.constexpr):
     """Rows r0 .. r0+NT of one (sequence, head) of buf [R,H,E] (elements o_e; element e decays
     with slot (e // DIV) % M): forward, row 0 := h0 and row r := a_r row_{r-1} + L_r for
     r = 1..NT; REVERSE, row NT := h0 and row r := a_r row_{r+1} + L_r for r = NT-1..0 (h0 is 0
     without HAS_H0). D rows per
     step in the order of the recurrence (descending rows when REVERSE), combined by an associative
-    scan; the carry after the last step goes to h_t in fp32."""
+    scan; the carry after the last step goes to h_t in fp32. h0, h_t [N,HS,E] (HS: see
+    nha_fwd_state_kernel)."""
     m_e = o_e < E
     o_me = (o_e // DIV) % M
     o_d = tl.arange(0, D)
     b_h = tl.zeros([o_e.shape[0]], dtype=tl.float32)
     if HAS_H0:
-        b_h += tl.load(h0 + (i_n * H + i_h) * E + o_e, mask=m_e, other=0.0).to(tl.float32)
+        b_h += tl.load(h0 + (i_n * HS + i_h) * E + o_e, mask=m_e, other=0.0).to(tl.float32)
     if REVERSE:
         r_first = NT
     else:
@@ -384,13 +387,13 @@ def scan_rows(buf, a_c, h0, h_t, r0, NT, i_n, i_h, o_e, E: tl.constexpr, DIV: tl
         tl.store(buf + o_row[:, None] * E + o_e[None, :], b_rows.to(buf.dtype.element_ty), mask=m_re)
         b_h = tl.sum(tl.where(o_d[:, None] == D - 1, b_rows, 0.0), 0)
     if STORE_FINAL:
-        tl.store(h_t + (i_n * H + i_h) * E + o_e, b_h, mask=m_e)
+        tl.store(h_t + (i_n * HS + i_h) * E + o_e, b_h, mask=m_e)
 
 
 @triton.jit
 def nha_state_scan_kernel(
     hk_c, hv_c, a_c, hk0, hv0, hk_t, hv_t, cu, chunk_off,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+    H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
     BE: tl.constexpr, D: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
     REVERSE: tl.constexpr,
 ):
@@ -405,10 +408,10 @@ def nha_state_scan_kernel(
     NBK: tl.constexpr = (K * M + BE - 1) // BE
     if i_e < NBK:
         scan_rows(hk_c, a_c, hk0, hk_t, r0, NT, i_n, i_h, i_e * BE + tl.arange(0, BE), K * M, 1,
-                  H, M, D, HAS_H0, STORE_FINAL, REVERSE)
+                  H, HS, M, D, HAS_H0, STORE_FINAL, REVERSE)
     else:
         scan_rows(hv_c, a_c, hv0, hv_t, r0, NT, i_n, i_h, (i_e - NBK) * BE + tl.arange(0, BE), M * V, V,
-                  H, M, D, HAS_H0, STORE_FINAL, REVERSE)
+                  H, HS, M, D, HAS_H0, STORE_FINAL, REVERSE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -712,26 +715,33 @@ def safe2() -> float:
     return configs.SAFE_LIMIT * LOG2E
 
 
-def scan_grid(p) -> tuple:
-    """Grid of nha_state_scan_kernel: (N, H, blocks of Hk + blocks of Hv)."""
+def scan_grid(p, heads) -> tuple:
+    """Grid of nha_state_scan_kernel over ``heads`` heads: (N, heads, blocks of Hk + blocks of Hv)."""
     BE = configs.scan_width(p.K, p.V, p.M)
-    return (p.N, p.H, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
+    return (p.N, heads, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
 
 
-def state_pass(p, NB, longest) -> str:
-    """configs.STATE_PASS, or the pass configs.state_pass picks for this problem ("auto")."""
+def state_pass(p, NB, longest, heads) -> str:
+    """configs.STATE_PASS, or the pass configs.state_pass picks for this problem ("auto"), launched
+    over ``heads`` heads."""
     if configs.STATE_PASS != "auto":
         return configs.STATE_PASS
-    return configs.state_pass(p.N, p.H, p.K, p.V, p.M, longest, NB)
+    return configs.state_pass(p.N, heads, p.K, p.V, p.M, longest, NB)
 
 
-def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, longest, store_final, low):
+def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, longest, store_final, low,
+                 heads=None):
     """Chunk states by the pass state_pass picks. Returns (hk_c [R,H,K,M], hv_c [R,H,M,V], hk, hv): the
     states at every chunk start and after each sequence's last chunk (rows as in plan), bfloat16
-    when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32 or None."""
+    when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32 or None. ``heads``:
+    only the first ``heads`` of the p.H heads of ks, v, g, s, hk0, hv0 (views that start at the
+    wanted head; the backward's head groups), so H = heads in the shapes above."""
     mode = operand_mode(p, low)
     dev = v.device
-    K, V, M, H, N = p.K, p.V, p.M, p.H, p.N
+    K, V, M, N = p.K, p.V, p.M, p.N
+    H = p.H if heads is None else heads
+    if store_final and H != p.H:
+        raise ValueError("chunk_states: final states are stored for all heads at once (heads=None)")
     sdt = torch.bfloat16 if low else torch.float32
     hk_c = torch.empty(R, H, K, M, dtype=sdt, device=dev)
     hv_c = torch.empty(R, H, M, V, dtype=sdt, device=dev)
@@ -740,12 +750,12 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
     if M == 0 or N == 0:
         return hk_c, hv_c, hk, hv
     BMS = configs.state_slot_tile(M)
-    common = dict(W=p.W, H=H, K=K, V=V, M=M, BT=BT, BK=configs.pad(K), BV=configs.pad(V), BM=BMS,
+    common = dict(W=p.W, H=H, HS=p.H, K=K, V=V, M=M, BT=BT, BK=configs.pad(K), BV=configs.pad(V), BM=BMS,
                   HAS_S=s is not None, G_FLOOR=configs.G_FLOOR, LOWP=mode, DOT=dot_precision(p))
     s_arg = s if s is not None else g
     h0k, h0v = (hk0, hv0) if hk0 is not None else (hk_c, hv_c)
     htk, htv = (hk, hv) if store_final else (hk_c, hv_c)
-    if state_pass(p, NB, longest) == "walk":
+    if state_pass(p, NB, longest, H) == "walk":
         nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
             ks, v, g, s_arg, h0k, h0v, hk_c, hv_c, htk, htv, cu, chunk_off,
             HAS_H0=hk0 is not None, STORE_FINAL=store_final, **common,
@@ -759,8 +769,8 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
             ks, v, g, s_arg, hk_c, hv_c, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
             num_warps=configs.state_num_warps(K, V),
         )
-    nha_state_scan_kernel[scan_grid(p)](
-        hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, K, V, M, BT,
+    nha_state_scan_kernel[scan_grid(p, H)](
+        hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, p.H, K, V, M, BT,
         configs.scan_width(K, V, M), configs.scan_rows(), hk0 is not None, store_final, False,
         num_warps=configs.scan_num_warps(),
     )
