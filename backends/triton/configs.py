@@ -285,17 +285,24 @@ def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int
     return "walk" if walk_ms <= scan_ms else "scan"
 
 
+# nha_state_scan_kernel's tile [SCAN_ROWS, SCAN_WIDTH]: state elements per program (BE) and
+# chunks per step (D); scan_width and scan_rows below say what each does.
+SCAN_WIDTH = 256
+SCAN_ROWS = 16
+
+
 def scan_width(K: int, V: int, M: int) -> int:
-    """BE: state elements per program of nha_state_scan_kernel. 256 gives 32 programs per
-    (sequence, head) at K = V = M = 64, so 512 programs even at B = 1, H = 16 (gpu-b)."""
-    return 256
+    """BE: state elements per program of nha_state_scan_kernel (SCAN_WIDTH). 256 gives 32
+    programs per (sequence, head) at K = V = M = 64, so 512 programs even at B = 1, H = 16
+    (gpu-b), but only 128 for a backward head group of 4 heads there."""
+    return SCAN_WIDTH
 
 
 def scan_rows() -> int:
-    """D: chunks per step of the state scan. Each step loads D rows of BE elements at once
-    (16 x 256 fp32 = 16 KiB per program in flight) and combines them in registers, so the
-    dependent chain is cdiv(chunks, D) steps long."""
-    return 16
+    """D: chunks per step of the state scan (SCAN_ROWS). Each step loads D rows of BE elements
+    at once (16 x 256 fp32 = 16 KiB per program in flight) and combines them in registers, so
+    the dependent chain is cdiv(chunks, D) steps long."""
+    return SCAN_ROWS
 
 
 def scan_num_warps() -> int:
