@@ -30,6 +30,12 @@ scheduling. In order:
 
 As in the forward, Gc is recomputed from g in each kernel (log2 units, exp2), s = 1 - exp(g) is
 derived in-kernel when s is None, and only the first and last band blocks are masked.
+
+Steps 1-6 run for all KV heads at once, or once per group of KV heads when the scratch would pass
+configs.BWD_SCRATCH_LIMIT (head_groups): then each group's scratch is freed before the next
+group's is allocated. In the kernels, H and HQ are the heads of the launch (its grid and its
+scratch) and HS the KV heads of the inputs and outputs, which they get as views starting at the
+group's first head.
 """
 from __future__ import annotations
 
