@@ -72,7 +72,7 @@ def small_tiles(monkeypatch):
     # and several element blocks with a ragged tail
     monkeypatch.setattr(tc, "STATE_PASS", "scan")
     monkeypatch.setattr(tc, "scan_rows", lambda: 2)
-    monkeypatch.setattr(tc, "scan_width", lambda K, V, M: 32)
+    monkeypatch.setattr(tc, "scan_width", lambda K, V, M, pairs: 32)
 
 
 def rel(out, want):
@@ -170,6 +170,15 @@ def test_state_pass_choice():
     64 chunks per sequence) and scans long single sequences (gpu-b: B = 1, T = 32768)."""
     assert tc.state_pass(8, 16, 64, 64, 64, 64, 8 * 64) == "walk"
     assert tc.state_pass(1, 16, 64, 64, 64, 512, 512) == "scan"
+
+
+def test_scan_width_choice():
+    """The state scan's tile narrows when few (sequence, head) pairs would leave the card with
+    few programs (a four-head backward group at gpu-b: 4 pairs) and stays 256 wide for the
+    all-heads passes of gpu-a (128 pairs) and gpu-b (16)."""
+    assert tc.scan_width(64, 64, 64, 4) == 64
+    assert tc.scan_width(64, 64, 64, 16) == 256
+    assert tc.scan_width(64, 64, 64, 128) == 256
 
 
 def test_config_override_sets_literals_and_names_mistakes(monkeypatch):

@@ -651,7 +651,7 @@ def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, b
             )
             nha_state_scan_kernel[scan_grid(p, H)](
                 dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, HS, K, V, M, BT,
-                configs.scan_width(K, V, M), configs.scan_rows(), False, hk0 is not None, True,
+                configs.scan_width(K, V, M, p.N * H), configs.scan_rows(), False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
             del a_c

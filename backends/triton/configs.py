@@ -292,13 +292,23 @@ def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int
 # chunks per step (D); scan_width and scan_rows below say what each does.
 SCAN_WIDTH = 256
 SCAN_ROWS = 16
+# Fewest programs of nha_state_scan_kernel before scan_width narrows its tile (about four per SM
+# of an H100/H200; 512 keeps the 256-wide tile of the all-heads passes at gpu-a and gpu-b, the
+# ones timed with it).
+SCAN_MIN_PROGRAMS = 512
 
 
-def scan_width(K: int, V: int, M: int) -> int:
-    """BE: state elements per program of nha_state_scan_kernel (SCAN_WIDTH). 256 gives 32
-    programs per (sequence, head) at K = V = M = 64, so 512 programs even at B = 1, H = 16
-    (gpu-b), but only 128 for a backward head group of 4 heads there."""
-    return SCAN_WIDTH
+def scan_width(K: int, V: int, M: int, pairs: int) -> int:
+    """BE: state elements per program of nha_state_scan_kernel for ``pairs`` (sequence, head)
+    pairs: SCAN_WIDTH, halved down to 64 while the grid would hold fewer than SCAN_MIN_PROGRAMS
+    programs. Each program is a chain of cdiv(chunks, D) dependent steps, so few programs leave
+    the card idle. On an H200 (2026-12-04) the backward's four-head groups at gpu-b (4 pairs)
+    ran the scan in 0.656 ms with BE = 64 against 0.855 with 256 (backward 8.23 ms against
+    8.45), while at gpu-a (32 pairs per group) 256 stayed the fastest (4.985 ms against 5.02)."""
+    be = SCAN_WIDTH
+    while be > 64 and pairs * (-(-K * M // be) - (-M * V // be)) < SCAN_MIN_PROGRAMS:
+        be //= 2
+    return be
 
 
 def scan_rows() -> int:

@@ -717,7 +717,7 @@ def safe2() -> float:
 
 def scan_grid(p, heads) -> tuple:
     """Grid of nha_state_scan_kernel over ``heads`` heads: (N, heads, blocks of Hk + blocks of Hv)."""
-    BE = configs.scan_width(p.K, p.V, p.M)
+    BE = configs.scan_width(p.K, p.V, p.M, p.N * heads)
     return (p.N, heads, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
 
 
@@ -771,7 +771,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
         )
     nha_state_scan_kernel[scan_grid(p, H)](
         hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, p.H, K, V, M, BT,
-        configs.scan_width(K, V, M), configs.scan_rows(), hk0 is not None, store_final, False,
+        configs.scan_width(K, V, M, N * H), configs.scan_rows(), hk0 is not None, store_final, False,
         num_warps=configs.scan_num_warps(),
     )
     return hk_c, hv_c, hk, hv
