@@ -108,9 +108,10 @@ BWD_SLOT_SPLIT = "bf16"
 # inputs + outputs + gradients) needs groups; 0.28 leaves room for the small buffers (lse, D,
 # the carries) under 0.3 and gives four groups of four heads at gpu-a and gpu-b. Measured on an
 # H200 (2026-12-04, asv_bench/triton_tuning_notes.md): forward+backward peak 1.25x at gpu-b (1.81x
-# with all heads at once); the backward alone 8.45 ms instead of 7.70 at gpu-b and 5.01 instead
-# of 4.31 at gpu-a, mostly in the chunk-state passes, which run once per group (at gpu-a the
-# walk's short chains give way to the scan). None trades the memory back for that time.
+# with all heads at once); the backward alone 8.23 ms instead of 7.68 at gpu-b (with the scan
+# tile scan_width narrows for the groups) and 5.01 instead of 4.31 at gpu-a, mostly in the
+# chunk-state passes, which run once per group (at gpu-a the walk's short chains give way to
+# the scan). None trades the memory back for that time.
 BWD_SCRATCH_LIMIT = 0.28
 # Scratch below this many bytes (all heads at once) is never split: memory does not limit such
 # problems, and every group adds its launches.
