@@ -151,10 +151,14 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("pairs", [False, True], ids=["one-chunk-steps", "two-chunk-steps"])
 @pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_state_walk_small_tiles(case, small_tiles, monkeypatch):
-    """The other chunk-state pass (configs.STATE_PASS "walk": one program walks the chunks)."""
+def test_state_walk_small_tiles(case, pairs, small_tiles, monkeypatch):
+    """The other chunk-state pass (configs.STATE_PASS "walk": one program walks the chunks), one
+    or two chunks per loop step (configs.STATE_WALK_PAIRS; the varlen case has sequences of an
+    odd and an even number of chunks, and an empty one)."""
     monkeypatch.setattr(tc, "STATE_PASS", "walk")
+    monkeypatch.setattr(tc, "STATE_WALK_PAIRS", pairs)
     check(**dict(zip(("p", "x"), make(0, **case))))
 
 

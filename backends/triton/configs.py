@@ -271,6 +271,14 @@ def state_slot_tile(M: int) -> int:
 # chunks, D per step), "walk" (one program per (sequence, head, slot tile) walks the chunks in
 # order) or "auto" (state_pass below picks one per call).
 STATE_PASS = "auto"
+# The forward's chunk-state walk (nha_fwd_state_kernel) two chunks per loop step. The walk is a
+# latency-bound chain (~3.4 us per chunk at gpu-a on an H200, 0.216 ms in all, with about two
+# 4-warp programs per SM); the two chunks' own updates are independent, so interleaved they may
+# take less than twice one. ptxas (Triton 3.9, sm_90, gpu-a bf16): 254 registers and 108 KiB of
+# shared memory against 185 and 56 KiB, no spills, two programs per SM either way. Not yet
+# timed: off until a GPU run says (tune_gpu.py --variant pairs:STATE_WALK_PAIRS=True, forward
+# at gpu-a).
+STATE_WALK_PAIRS = False
 
 
 def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int) -> str:

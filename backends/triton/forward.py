@@ -269,13 +269,15 @@ def nha_fwd_state_kernel(
     W, H: tl.constexpr, HS: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_S: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr,
-    LOWP: tl.constexpr, DOT: tl.constexpr,
+    LOWP: tl.constexpr, DOT: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """State walk (configs.STATE_PASS "walk"): slots i_m*BM .. of one (sequence, head), chunk
     after chunk: Hk_c [R,H,K,M], Hv_c [R,H,M,V] at every chunk start and after the last chunk
     (row chunk_off + NT); hk_t, hv_t [N,H,..] after the last chunk (fp32). H: the heads of
     this launch (grid, Hk_c, Hv_c); HS: the heads of ks, v, g, s, hk0, hv0, hk_t, hv_t (their head
-    stride; views starting at the launch's first head, see backward.py)."""
+    stride; views starting at the launch's first head, see backward.py). PAIRS
+    (configs.STATE_WALK_PAIRS): two chunks per loop step, whose own updates do not depend on each
+    other or on the state, so the compiler may interleave their two chains."""
     i_n, i_h, i_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, T_n = sequence_span(cu, i_n)
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
@@ -294,12 +296,22 @@ def nha_fwd_state_kernel(
         b_hk += tl.load(hk0 + (i_n * HS + i_h) * K * M + o_km, mask=m_km, other=0.0).to(tl.float32)   # [BK, BM]
         b_hv += tl.load(hv0 + (i_n * HS + i_h) * M * V + o_mv, mask=m_mv, other=0.0).to(tl.float32)   # [BM, BV]
     NT = tl.cdiv(T_n, BT)
-    for i_c in range(0, NT):
+    for i_c in range(0, NT, 2 if PAIRS else 1):
         i_state = (c0 + i_c) * H + i_h
         tl.store(hk_c + i_state * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
         tl.store(hv_c + i_state * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
         b_a, b_lk, b_lv = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, HS, K, V, M, BT, BK, BV,
                                            HAS_S, G_FLOOR, LOWP, DOT)
+        if PAIRS:
+            # chunk i_c + 1: past the sequence's end it is the identity (a = 1, L = 0: no rows)
+            b_a1, b_lk1, b_lv1 = fwd_chunk_update(ks, v, g, s, bos, T_n, i_c + 1, i_h, W, o_m, HS, K, V, M, BT, BK,
+                                                  BV, HAS_S, G_FLOOR, LOWP, DOT)
+            b_hk = b_hk * b_a[None, :] + b_lk
+            b_hv = b_hv * b_a[:, None] + b_lv
+            if i_c + 1 < NT:
+                tl.store(hk_c + (i_state + H) * K * M + o_km, b_hk.to(hk_c.dtype.element_ty), mask=m_km)
+                tl.store(hv_c + (i_state + H) * M * V + o_mv, b_hv.to(hv_c.dtype.element_ty), mask=m_mv)
+            b_a, b_lk, b_lv = b_a1, b_lk1, b_lv1
         b_hk = b_hk * b_a[None, :] + b_lk
         b_hv = b_hv * b_a[:, None] + b_lv
     i_state = (c0 + NT) * H + i_h
@@ -758,7 +770,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
     if state_pass(p, NB, longest, H) == "walk":
         nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
             ks, v, g, s_arg, h0k, h0v, hk_c, hv_c, htk, htv, cu, chunk_off,
-            HAS_H0=hk0 is not None, STORE_FINAL=store_final, **common,
+            HAS_H0=hk0 is not None, STORE_FINAL=store_final, PAIRS=configs.STATE_WALK_PAIRS, **common,
             num_warps=configs.state_num_warps(K, V), num_stages=configs.state_num_stages(K, V),
         )
         return hk_c, hv_c, hk, hv
