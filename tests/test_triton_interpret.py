@@ -12,9 +12,11 @@ stays within a few minutes on two cores.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -84,6 +86,29 @@ def rel(out, want):
     assert (out[~fin] == want[~fin]).all()
     norm = np.linalg.norm(want[fin])
     return np.linalg.norm(out[fin] - want[fin]) / (norm if norm > 0 else 1.0)
+
+
+@contextlib.contextmanager
+def counted_allocations():
+    """While active, torch.empty and torch.zeros count the bytes of the floating-point tensors
+    they make, until each is freed: yields {"now": bytes alive, "peak": the most at once}."""
+    live = {"now": 0, "peak": 0}
+
+    def tracked(make_tensor):
+        def alloc(*a, **kw):
+            t = make_tensor(*a, **kw)
+            if t.is_floating_point():
+                size = t.numel() * t.element_size()
+                live["now"] += size
+                live["peak"] = max(live["peak"], live["now"])
+                weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - size))
+            return t
+        return alloc
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "empty", tracked(torch.empty))
+        patch.setattr(torch, "zeros", tracked(torch.zeros))
+        yield live
 
 
 def make(seed, B, T, HQ, H, K, V, M, W, *, hard=False, dtype="float32", **options):
@@ -312,13 +337,11 @@ def test_float16_within_twice_naive(case):
     assert_within_twice_naive(got, naive, want, "float16", rel)
 
 
-def test_backward_side_buffers_live_one_step_at_a_time(small_tiles, monkeypatch):
+def test_backward_side_buffers_live_one_step_at_a_time(small_tiles):
     """The backward allocates each output and scratch buffer where it is first written and drops
     side buffers after their last reader (the recomputed chunk states before the dks/dvs scratch
     exists, dk/dv only for the last kernel), so its peak is the larger of the state-pass and the
     slot-kernel working sets, not the sum of every buffer (SPEC's peak-memory target at gpu-b)."""
-    import weakref
-
     B, T, HQ, H, K, V, M, W = 1, 48, 1, 1, 16, 16, 16, 8
     p, x = make(9, B, T, HQ, H, K, V, M, W)
     n = native(p, x)
@@ -326,23 +349,9 @@ def test_backward_side_buffers_live_one_step_at_a_time(small_tiles, monkeypatch)
     o, lse, _, _ = tf.forward(p, *args)
     do = torch.ones_like(o)
 
-    live = {"now": 0, "peak": 0}
-
-    def tracked(make_tensor):
-        def alloc(*a, **kw):
-            t = make_tensor(*a, **kw)
-            if t.is_floating_point():
-                size = t.numel() * t.element_size()
-                live["now"] += size
-                live["peak"] = max(live["peak"], live["now"])
-                weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - size))
-            return t
-        return alloc
-
-    monkeypatch.setattr(torch, "empty", tracked(torch.empty))
-    monkeypatch.setattr(torch, "zeros", tracked(torch.zeros))
-    grads = tb.backward(p, do, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], o, lse,
-                        n["hk0"], n["hv0"], n["cu"])
+    with counted_allocations() as live:
+        grads = tb.backward(p, do, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"], o, lse,
+                            n["hk0"], n["hv0"], n["cu"])
     assert grads[0] is not None
 
     f32, R, N = 4, T // 16 + 1, B * T            # BT = 16 (small_tiles): 3 chunks + the row after
@@ -412,34 +421,16 @@ def test_backward_head_groups_bound_the_scratch(small_tiles, monkeypatch):
     """With KV heads in groups the scratch alive at once is one group's: four single-head groups
     peak at the outputs plus a quarter of the all-heads scratch (the allocations counted as in
     test_backward_side_buffers_live_one_step_at_a_time)."""
-    import weakref
-
     B, T, HQ, H, K, V, M, W = 1, 48, 4, 4, 16, 16, 16, 8
     p, x = make(9, B, T, HQ, H, K, V, M, W)
     n = native(p, x)
     o, lse, _, _ = tf.forward(p, n["q"], n["k"], n["v"], n["g"], n["s"], n["q_slot"], n["k_slot"],
                               n["hk0"], n["hv0"], n["cu"])
     do = torch.ones_like(o)
-    live = {"now": 0, "peak": 0}
-
-    def tracked(make_tensor):
-        def alloc(*a, **kw):
-            t = make_tensor(*a, **kw)
-            if t.is_floating_point():
-                size = t.numel() * t.element_size()
-                live["now"] += size
-                live["peak"] = max(live["peak"], live["now"])
-                weakref.finalize(t, lambda: live.__setitem__("now", live["now"] - size))
-            return t
-        return alloc
-
     peaks = {}
     for count in (1, 4):
         monkeypatch.setattr(tb, "head_groups", lambda *a: count)
-        live.update(now=0, peak=0)
-        with pytest.MonkeyPatch.context() as counting:
-            counting.setattr(torch, "empty", tracked(torch.empty))
-            counting.setattr(torch, "zeros", tracked(torch.zeros))
+        with counted_allocations() as live:
             grads = _backward(p, x, n, o, lse, do)
         peaks[count] = live["peak"]
         del grads
