@@ -11,7 +11,7 @@
 #   NHA_VARIANT="NAME=VALUE;..." bash asv_bench/gpu_session.sh variant-tests  # Triton GPU tests under those configs
 #   NHA_TEST_BACKENDS=cupy NHA_TEST_EXAMPLES=6 bash asv_bench/gpu_session.sh properties  # one backend per call:
 #     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
-#   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS checked and timed at gpu-a (forward, backward)
+#   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS "bf16": the walk's GPU tests, then timed at gpu-a
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -90,12 +90,14 @@ for step in "$@"; do
         timeout 240 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT" \
           --variant scan:STATE_PASS=scan --variant walk:STATE_PASS=walk; } \
         > "$OUT/state_pass.log" 2>&1; grep -A4 "^variant" "$OUT/state_pass.log" ;;
-    walk-pairs)   # the forward chunk-state walk two chunks per loop step (configs.STATE_WALK_PAIRS): forward at gpu-a,
-      # where the walk is 0.216 ms of the 0.72 ms forward, and the all-heads backward whose state recompute walks too
+    walk-pairs)   # the forward chunk-state walk two chunks per loop step for bf16 operands (configs.STATE_WALK_PAIRS
+      # "bf16"): the walk's GPU tests under it (odd and even chunk counts, varlen), then forward and backward at gpu-a
+      NHA_TEST_TRITON_CONFIG="STATE_WALK_PAIRS='bf16'" timeout 200 python3 -m pytest -m gpu tests/test_triton_gpu.py \
+        -k state_walk -v --tb=short -n 4 -p no:cacheprovider > "$OUT/walk_pairs_tests.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/walk_pairs_tests.log" | tail -10
       timeout ${NHA_STEP_TIMEOUT_S:-240} python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward \
-        --out "$OUT" --check-all --variant default: --variant pairs:STATE_WALK_PAIRS=True \
-        --variant all-heads:BWD_SCRATCH_LIMIT=None --variant all-heads-pairs:BWD_SCRATCH_LIMIT=None,STATE_WALK_PAIRS=True \
-        > "$OUT/walk_pairs.log" 2>&1; grep -A6 "^variant" "$OUT/walk_pairs.log" ;;
+        --out "$OUT" --no-check --variant default: --variant pairs:STATE_WALK_PAIRS=\'bf16\' --variant default-again: \
+        > "$OUT/walk_pairs.log" 2>&1; grep -A4 "^variant" "$OUT/walk_pairs.log" ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"
         timeout 60 python3 asv_bench/tune_gpu.py --backend triton --shape decode --modes decode --out "$OUT"; } \

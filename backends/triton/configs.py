@@ -271,13 +271,15 @@ def state_slot_tile(M: int) -> int:
 # chunks, D per step), "walk" (one program per (sequence, head, slot tile) walks the chunks in
 # order) or "auto" (state_pass below picks one per call).
 STATE_PASS = "auto"
-# The forward's chunk-state walk (nha_fwd_state_kernel) two chunks per loop step. The walk is a
-# latency-bound chain (~3.4 us per chunk at gpu-a on an H200, 0.216 ms in all, with about two
-# 4-warp programs per SM); the two chunks' own updates are independent, so interleaved they may
-# take less than twice one. ptxas (Triton 3.9, sm_90, gpu-a bf16): 254 registers and 108 KiB of
-# shared memory against 185 and 56 KiB, no spills, two programs per SM either way. Not yet
-# timed: off until a GPU run says (tune_gpu.py --variant pairs:STATE_WALK_PAIRS=True, forward
-# at gpu-a).
+# The forward's chunk-state walk (nha_fwd_state_kernel) two chunks per loop step: False, "bf16"
+# (for bf16 slot operands only) or True. The walk is a latency-bound chain (~3.4 us per chunk at
+# gpu-a on an H200, with about two 4-warp programs per SM); the two chunks' own updates are
+# independent, so interleaved they can take less than twice one. ptxas (Triton 3.9, sm_90,
+# gpu-a): bf16 operands 254 registers, no spills (185 one chunk at a time); fp32 operands spill
+# 7.3 KiB (float32, 448 B one at a time) and 1.1 KiB (float16, 96 B), hence "bf16". H200
+# (2026-12-04, bf16, gpu-a, one process): walk 0.214 ms against 0.234, forward 0.703 ms against
+# 0.720 / 0.719, outputs bit-identical. Off until the GPU tests have run with "bf16" (odd chunk
+# counts, where the second chunk of the last step is empty, ran only in the interpreter).
 STATE_WALK_PAIRS = False
 
 

@@ -770,7 +770,8 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
     if state_pass(p, NB, longest, H) == "walk":
         nha_fwd_state_kernel[(N, H, triton.cdiv(M, BMS))](
             ks, v, g, s_arg, h0k, h0v, hk_c, hv_c, htk, htv, cu, chunk_off,
-            HAS_H0=hk0 is not None, STORE_FINAL=store_final, PAIRS=configs.STATE_WALK_PAIRS, **common,
+            HAS_H0=hk0 is not None, STORE_FINAL=store_final, **common,
+            PAIRS=configs.STATE_WALK_PAIRS is True or (configs.STATE_WALK_PAIRS == "bf16" and mode == OP_BF16),
             num_warps=configs.state_num_warps(K, V), num_stages=configs.state_num_stages(K, V),
         )
         return hk_c, hv_c, hk, hv
