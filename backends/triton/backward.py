@@ -181,6 +181,7 @@ def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, sca
     """What chunk i_c does to the state gradient (slots o_m): dH_start = a * dH_end + (Lk, Lv),
     a = 2^Gc_last [BM], Lk = scale sum_heads Qs^T (dLs 2^Gc) [BK, BM], Lv = sum_heads (Ps 2^Gc)^T do.
     Ps, dLs have HQ heads, qs, do, g HS * G and HS (nha_bwd_q_kernel)."""
+    HQS: tl.constexpr = HS * G
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
@@ -195,9 +196,9 @@ def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, sca
     for i_g in range(0, G):
         i_hq = i_h * G + i_g
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        b_qs = tl.load(qs + (r_t[:, None] * HS * G + i_hq) * K + o_k[None, :],
+        b_qs = tl.load(qs + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :],
                        mask=m_t[:, None] & m_k[None, :], other=0.0)                          # [BT, BK]
-        b_do = tl.load(do + (r_t[:, None] * HS * G + i_hq) * V + o_v[None, :],
+        b_do = tl.load(do + (r_t[:, None] * HQS + i_hq) * V + o_v[None, :],
                        mask=m_t[:, None] & m_v[None, :], other=0.0)                          # [BT, BV]
         b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                 # [BT, BM]
         b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
@@ -334,7 +335,8 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
                    CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
                    LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
     """nha_bwd_slot_kernel's work for chunk i_c of sequence i_n and KV head i_h, its gates
-    (Gc, Gc_last, S) loaded, decays by PATH."""
+    (Gc, Gc_last, S) loaded, decays by PATH. HQ, H: the launch's heads, HS * G, HS the inputs'."""
+    HQS: tl.constexpr = HS * G
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -362,9 +364,9 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     for i_g in range(0, G):
         i_hq = i_h * G + i_g
         o_tm = (r_t[:, None] * HQ + i_hq) * M + o_m[None, :]
-        b_qs = _op(tl.load(qs + (r_t[:, None] * HS * G + i_hq) * K + o_k[None, :],
+        b_qs = _op(tl.load(qs + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :],
                            mask=m_t[:, None] & m_k[None, :], other=0.0), LOWP)              # [BT, BK]
-        b_do = _op(tl.load(do + (r_t[:, None] * HS * G + i_hq) * V + o_v[None, :],
+        b_do = _op(tl.load(do + (r_t[:, None] * HQS + i_hq) * V + o_v[None, :],
                            mask=m_t[:, None] & m_v[None, :], other=0.0), LOWP)              # [BT, BV]
         b_dls = tl.load(dls_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)                  # [BT, BM]
         b_ps = tl.load(ps_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
