@@ -1,9 +1,10 @@
 """Every CUDA file of the CuPy backend compiles with nvcc for sm_90 (no GPU needed).
 
 The kernels are built by NVRTC at run time; this catches syntax and type errors on machines
-without a GPU. Each file is compiled twice: to a cubin with its defaults (float, RMAX = 32: the
-largest register arrays, so ptxas runs too) and to PTX only as a bfloat16 variant with other tiles (the
-__nv_bfloat16 load/store overloads; skipping ptxas keeps it fast). All nvcc processes run at
+without a GPU. Each file is compiled several ways: to a cubin with its defaults (float, RMAX = 32: the
+largest register arrays, so ptxas runs too), to PTX only as bfloat16 variants with other tiles (the
+__nv_bfloat16 load/store overloads; skipping ptxas keeps it fast), and to a cubin as the bfloat16 build
+with forward.cu's register-tile kernel (NHA_MMA). All nvcc processes run at
 once: about 20 s on 2 cores.
 """
 import os
@@ -19,6 +20,8 @@ VARIANTS = {
     "float-RMAX32": ["-c"],
     "bf16-BT32-RMAX4-BG8-DC2-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DBT=32", "-DRMAX=4", "-DBG=8", "-DDC=2"],
     "bf16-cache-STG3-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DCACHE_T=__nv_bfloat16", "-DSTG=3"],  # decode's cp.async ring
+    # forward.cu's register-tile kernel (mma.sync, ldmatrix, cp.async) at the gpu-a tile, through ptxas
+    "bf16-mma-RMAX8": ["-c", "-DIN_T=__nv_bfloat16", "-DNHA_MMA", "-DRMAX=8", "-DKD=64", "-DVD=64", "-DMD=64"],
 }
 
 

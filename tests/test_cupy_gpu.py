@@ -85,7 +85,16 @@ CASES = {
     "B1-T300-HQ2-H1-K32-V64-M16-W70-tc-varlen": (1, 300, 2, 1, 32, 64, 16, 70,
                                                 {"cu": [0, 130, 131, 300], "ninf": True, "init": True,
                                                  "slots": True}),
+    # register-tile forward (bfloat16, nha_fwd_main_mma): chunks whose decays factor run there, the
+    # ones with early -inf resets go to nha_fwd_redo in the same call; varlen with 1-token sequences
+    # and W >= T; M = 48 (three 16-column gate runs per thread pair)
+    "B2-T200-HQ4-H2-K64-V64-M64-W70-mma-mixed": (2, 200, 4, 2, 64, 64, 64, 70,
+                                                 {"weak": True, "reset_early": True, "slots": True, "init": True}),
+    "B1-T150-HQ2-H2-K128-V128-M64-W600-mma-varlen": (1, 150, 2, 2, 128, 128, 64, 600,
+                                                     {"weak": True, "cu": [0, 1, 64, 65, 150]}),
+    "B1-T90-HQ2-H1-K16-V48-M48-W1-mma": (1, 90, 2, 1, 16, 48, 48, 1, {"weak": True}),
 }
+MMA_CASES = [name for name in CASES if "-mma" in name] + ["B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak"]
 
 
 def make(case, dtype, seed=0):
@@ -98,6 +107,8 @@ def make(case, dtype, seed=0):
         g = -rng.uniform(0.001, 0.2, (B, T, H, M))
     if opt.get("ninf"):
         g[rng.random(g.shape) < 0.1] = -np.inf
+    if opt.get("reset_early"):  # resets in the first tokens of the first sequence only
+        g[0, :20][rng.random(g[0, :20].shape) < 0.2] = -np.inf
     x["g"] = round_to(g, dtype)
     x["s"] = round_to(-np.expm1(x["g"]), dtype)
     x["q_slot"] = r(B, T, HQ, K) if opt.get("slots") else None
@@ -244,6 +255,8 @@ def make_decode_state(case, dtype, rng):
     g = -rng.uniform(0.02, 1.5, (N, W, H, M))
     if opt.get("ninf"):
         g[rng.random(g.shape) < 0.1] = -np.inf
+    if opt.get("reset_early"):  # resets in the first tokens of the first sequence only
+        g[0, :20][rng.random(g[0, :20].shape) < 0.2] = -np.inf
     st = {"hk": 0.3 * rng.standard_normal((N, H, K, M)).astype(np.float32).astype(np.float64),
           "hv": 0.3 * rng.standard_normal((N, H, M, V)).astype(np.float32).astype(np.float64),
           "k_cache": r(N, W, H, K), "v_cache": r(N, W, H, V), "g_cache": round_to(g, dtype),
@@ -322,10 +335,12 @@ def test_decode_split_tiles():
     assert S > 1 and RS % configs.DECODE_BR == 0 and (S - 1) * RS < 2048 <= S * RS
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_forward_derived_s(dtype):
+@pytest.mark.parametrize("dtype,name", [("bfloat16", "B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak"),
+                                        ("float32", "B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak"),
+                                        ("bfloat16", "B2-T200-HQ4-H2-K64-V64-M64-W70-mma-mixed")])
+def test_forward_derived_s(dtype, name):
     """s = None (derives_s): the same result as passing s = 1 - exp(g)."""
-    p, x = make(CASES["B2-T300-HQ4-H2-K64-V32-M32-W100-tc-weak"], dtype)
+    p, x = make(CASES[name], dtype)
     args = list(dev_args(p, x))
     o1, lse1, hk1, _ = BACKEND.forward(p, *args)
     args[4] = None
@@ -333,6 +348,20 @@ def test_forward_derived_s(dtype):
     assert rel(to_host(o2, dtype), to_host(o1, dtype)) <= 1e-2
     assert rel(cupy.asnumpy(lse2), cupy.asnumpy(lse1)) <= 1e-3
     assert rel(cupy.asnumpy(hk2), cupy.asnumpy(hk1)) <= 1e-2
+
+
+@pytest.mark.parametrize("name", MMA_CASES)
+def test_forward_mma_matches_wmma_kernel(name, monkeypatch):
+    """The bf16 cases above do run nha_fwd_main_mma, and agree with the WMMA kernel it replaced."""
+    from nha_core.backends.cupy import configs
+
+    p, x = make(CASES[name], "bfloat16")
+    assert configs.use_mma(p)
+    o1, lse1, _, _ = BACKEND.forward(p, *dev_args(p, x))
+    monkeypatch.setattr(configs, "FWD_MMA", False)
+    o2, lse2, _, _ = BACKEND.forward(p, *dev_args(p, x))
+    assert rel(to_host(o1, "bfloat16"), to_host(o2, "bfloat16")) <= 1e-2
+    assert rel(cupy.asnumpy(lse1), cupy.asnumpy(lse2)) <= 1e-3
 
 
 def test_availability_reason():

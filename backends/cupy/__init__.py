@@ -72,14 +72,15 @@ def mma_include():
     return None
 
 
-def launch(module, name: str, grid, args, smem_bytes: int = 0) -> None:
-    """Launch ``name`` with NT threads; grids with a zero dimension are skipped (nothing to do)."""
+def launch(module, name: str, grid, args, smem_bytes: int = 0, threads: int = configs.NT) -> None:
+    """Launch ``name`` with ``threads`` threads (NT unless the kernel says otherwise); grids with a
+    zero dimension are skipped (nothing to do)."""
     if min(grid) <= 0:
         return
     fn = module.get_function(name)
     if smem_bytes > 48 * 1024:  # above the default limit the kernel must opt in
         fn.max_dynamic_shared_size_bytes = smem_bytes
-    fn(tuple(grid), (configs.NT,), tuple(args), shared_mem=smem_bytes)
+    fn(tuple(grid), (threads,), tuple(args), shared_mem=smem_bytes)
 
 
 BACKEND = CupyBackend()

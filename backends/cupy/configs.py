@@ -62,6 +62,34 @@ def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
     raise ValueError(kernel)
 
 
+# Register-tile forward (forward.cu nha_fwd_main_mma): bfloat16 inputs, K, V, M multiples of 16 up to
+# MMA_MAX_DIM, chunks of MMA_BT = 4 warps x 16 query rows, MMA_THREADS threads; off: the WMMA kernel
+# nha_fwd_main_tc for every chunk (its fp32 slot terms also redo the chunks whose decays do not factor).
+FWD_MMA = True
+MMA_BT = 64
+MMA_THREADS = 128
+MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (252 registers; 135 at 64)
+
+
+def use_mma(p) -> bool:
+    """nha_fwd_main_mma for this problem: bfloat16, K, V, M multiples of 16 up to MMA_MAX_DIM, and its
+    companions at MMA_BT (the chunk-state kernel, nha_fwd_main for the chunks it leaves) fit shared
+    memory."""
+    return (FWD_MMA and use_tc(p) and p.dtype == "bfloat16"
+            and all(d % 16 == 0 and d <= MMA_MAX_DIM for d in (p.K, p.V, p.M))
+            and mma_smem_bytes(p.K, p.V, p.M) <= SMEM_LIMIT
+            and all(4 * smem_floats(name, MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT for name in ("fwd_main", "fwd_state_tc")))
+
+
+def mma_smem_bytes(K: int, V: int, M: int) -> int:
+    """Dynamic shared memory of nha_fwd_main_mma (layout in forward.cu): the q tile, then the larger of
+    the slot operands (bfloat16 tiles, Gc in float) and the two window buffers."""
+    BT, LK, LV, LM = MMA_BT, K + 8, V + 8, M + 8
+    slots = 2 * (BT * LK + BT * LV + K * LM + M * LV + BT * LM) + 4 * BT * (M + 4)
+    window = 2 * 2 * BT * (LK + LV)
+    return 2 * BT * LK + max(slots, window)
+
+
 BMC = 16  # slot columns per block of the tensor-core chunk-state kernel (forward.cu nha_fwd_state_tc):
           # one m16n16 fragment row; 2 * M / BMC blocks per (sequence, head) fill the chip better
           # than whole-state blocks on the serial chunk walk

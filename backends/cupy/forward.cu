@@ -27,8 +27,9 @@ __device__ __forceinline__ void shifted_gate(const IN_T* g, const IN_T* s, i64 t
     i64 j = t - W;
     if (j >= bos && m < M) {
         i64 o = (j * H + h) * M + m;
-        a = expf(ld(g, o));  // g = -inf gives exactly 0
-        w = ld(s, o);
+        const float gr = ld(g, o);
+        a = expf(gr);  // g = -inf gives exactly 0
+        w = s != nullptr ? ld(s, o) : -expm1f(gr);
     } else {
         a = 1.f;
         w = 0.f;
@@ -87,14 +88,20 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_chunk_state(
 //   r_m, r_l, r_c [BT] running max, running denominator, rescale factor
 //
 // o [B,T,HQ,V] (IN_T), lse [B,HQ,T] (float, natural log).
-extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(
-    const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
-    const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,
-    const IN_T* __restrict__ k_slot, const float* __restrict__ hk_chunks,
-    const float* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,
-    const int* __restrict__ chunk_n, const i64* __restrict__ chunk_t0, IN_T* __restrict__ o,
-    float* __restrict__ lse, int T, int HQ, int H, int K, int V, int M, int W, float scale) {
-    extern __shared__ float smem[];
+#define FWD_MAIN_PARAMS                                                                         \
+    const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,          \
+    const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,     \
+    const IN_T* __restrict__ k_slot, const float* __restrict__ hk_chunks,                        \
+    const float* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,                        \
+    const int* __restrict__ chunk_n, const i64* __restrict__ chunk_t0, IN_T* __restrict__ o,     \
+    float* __restrict__ lse, int T, int HQ, int H, int K, int V, int M, int W, float scale
+#define FWD_MAIN_ARGS \
+    q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos_arr, chunk_n, chunk_t0, o, lse, T, HQ, H, K, V, M, W, scale
+
+// The work of one block of nha_fwd_main: chunk i_c, query head i_hq (s may be null: s = 1 - exp(g)).
+__device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FWD_MAIN_PARAMS) {
+    extern __shared__ float smem_main[];  // (a name of its own: kernels below align theirs)
+    float* smem = smem_main;
     float* A_s = smem;
     float* W_s = A_s + BT * M;
     float* L_s = W_s + BT * M;
@@ -107,7 +114,7 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(
     float* r_l = r_m + BT;
     float* r_c = r_l + BT;
 
-    const int i_c = blockIdx.x, i_hq = blockIdx.y, i_h = i_hq / (HQ / H);
+    const int i_h = i_hq / (HQ / H);
     const int tid = threadIdx.x, i_lane = tid % LANES, i_col = tid / LANES;
     const int n = chunk_n[i_c];
     const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
@@ -283,6 +290,21 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(
     for (int i = tid; i < nt * V; i += NT) {
         const int tt = i / V, vv = i % V;
         st(o, ((t0 + tt) * HQ + i_hq) * V + vv, O_s[i]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(FWD_MAIN_PARAMS) {
+    fwd_main_block(blockIdx.x, blockIdx.y, FWD_MAIN_ARGS);
+}
+
+// The blocks nha_fwd_main_mma left to the exact recurrence: redo[0] of them, redo[1 + i] = i_c * HQ
+// + i_hq. A fixed grid walks the list (its length is only known on the device).
+extern "C" __global__ void __launch_bounds__(NT) nha_fwd_redo(FWD_MAIN_PARAMS, const int* __restrict__ redo) {
+    const int count = redo[0];
+    for (int i = blockIdx.x; i < count; i += gridDim.x) {
+        const int id = redo[1 + i];
+        fwd_main_block(id / HQ, id % HQ, FWD_MAIN_ARGS);
+        __syncthreads();  // the next block's staging overwrites shared memory
     }
 }
 
@@ -675,4 +697,402 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main_tc(
         lse[((i64)b * HQ + i_hq) * T + tpos] = r_m[tid] + logf(r_l[tid]);
     }
 }
+
+// ================================================================================================
+// Register-tile forward for bfloat16 inputs (NHA_MMA builds: IN_T = __nv_bfloat16, BT = 64, K, V, M
+// multiples of 16 up to 128, compile-time KD, VD, MD). One block of MT = 128 threads per (chunk,
+// query head), as nha_fwd_main_tc, but every product runs on mma.sync m16n8k16 with its
+// accumulators in registers: each warp owns QW = 16 query rows, and the online softmax, the slot
+// seed and the output never leave registers. Operand tiles go global -> shared by cp.async (16-byte
+// rows, zero-filled past the ends) and shared -> registers by ldmatrix; the window's key / value
+// tiles are double-buffered so the next tile's loads overlap this tile's products.
+//
+// Slot terms take bfloat16 operands with fp32 accumulation, the Triton backend's bf16 rule
+// (forward.py "Precision"), in the factored form (MATH.md section 2), gates in log2 units:
+//   Gc = cumsum(max(g, G_FLOOR)) log2(e) over the chunk's shifted rows, Sw = S 2^-Gc,
+//   Ls = qk2 2^Gc (Qs Hk_c + causal(Qs Ks^T) Sw),  P = 2^(Ls - max),  Pe = P 2^Gc,
+//   acc = Pe Hv_c + causal(Pe Sw^T) Vs,
+// then the window band continues the same (max, sum, acc). A chunk whose |Gc| passes SAFE2 cannot
+// factor: the block appends itself to `redo` and returns, and nha_fwd_redo (nha_fwd_main's exact
+// fp32 recurrence, no decay factors) computes it.
+//
+// Fragment layout of m16n8k16 (lane = 4 gq + q4): accumulator element e of n-tile j sits at row
+// gq + 8 (e >> 1), column 8 j + 2 q4 + (e & 1). The A operand of a product is built from two
+// accumulator n-tiles (the FlashAttention-2 register reuse), so P and the causal weights never
+// touch shared memory.
+// ================================================================================================
+#if defined(NHA_MMA) && BT == 64
+#ifndef KD
+#define KD 64
+#endif
+#ifndef VD
+#define VD 64
+#endif
+#ifndef MD
+#define MD 64
+#endif
+#define MT 128               // threads of nha_fwd_main_mma
+#define QW 16                // query rows per warp
+#define LDK (KD + 8)         // shared row strides, elements: 16 bytes of padding keep ldmatrix
+#define LDV (VD + 8)         // rows on distinct banks
+#define LDM (MD + 8)
+#define LDG (MD + 4)         // Gc rows (float)
+#define LOG2E_F 1.4426950408889634f
+#define SAFE2 (SAFE_LIMIT * LOG2E_F)
+static_assert(BT == (MT / 32) * QW, "nha_fwd_main_mma: one warp per 16 query rows");
+static_assert(KD % 16 == 0 && VD % 16 == 0 && MD % 16 == 0 && KD <= 128 && VD <= 128 && MD <= 128,
+              "nha_fwd_main_mma: K, V, M multiples of 16 up to 128");
+
+typedef unsigned u32;
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
+__device__ __forceinline__ void ldsm4(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+// c (16x8, f32) += a (16x16, row) b (16x8, col), bfloat16 operands.
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<u32*>(&x);
+}
+// 16 bytes global -> shared, asynchronously; ok = false writes zeros (src is not read).
+__device__ __forceinline__ void cp16(void* dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Addresses for ldmatrix. A operand, 16x16 at (r0, k0) of a row-major tile:
+__device__ __forceinline__ const IN_T* at_a(const IN_T* t, int ld, int r0, int k0, int lane) {
+    return t + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8;
+}
+// B operands of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a tile stored [n][k] (ldsm4) ...
+__device__ __forceinline__ const IN_T* at_b_nk(const IN_T* t, int ld, int k0, int n0, int lane) {
+    return t + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8;
+}
+// ... or stored [k][n] (ldsm4_t).
+__device__ __forceinline__ const IN_T* at_b_kn(const IN_T* t, int ld, int k0, int n0, int lane) {
+    return t + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+}
+
+// acc[NA/8][4] (+)= A (16 x KA, registers) @ B, B from shared: stored [n][k] when NK, else [k][n].
+// KT_MAX: only k-tiles kt <= KT_MAX take part (the causal products stop at the warp's diagonal).
+template <int KA, int NA, bool NK>
+__device__ __forceinline__ void mm_rs(float (&acc)[NA / 8][4], const u32 (&a)[KA / 16][4], const IN_T* b, int ld,
+                                      int lane, int kt_max = KA / 16) {
+#pragma unroll
+    for (int kt = 0; kt < KA / 16; ++kt) {
+        if (kt > kt_max) break;
+#pragma unroll
+        for (int np = 0; np < NA / 16; ++np) {
+            u32 f[4];
+            if (NK) ldsm4(f, at_b_nk(b, ld, kt * 16, np * 16, lane));
+            else ldsm4_t(f, at_b_kn(b, ld, kt * 16, np * 16, lane));
+            mma16816(acc[2 * np], a[kt], f[0], f[1]);
+            mma16816(acc[2 * np + 1], a[kt], f[2], f[3]);
+        }
+    }
+}
+// The A operand (16 x NA) of a next product from accumulator tiles (16 x NA, float).
+template <int NA>
+__device__ __forceinline__ void to_a(u32 (&a)[NA / 16][4], const float (&c)[NA / 8][4]) {
+#pragma unroll
+    for (int kt = 0; kt < NA / 16; ++kt) {
+        a[kt][0] = pack_bf16(c[2 * kt][0], c[2 * kt][1]);
+        a[kt][1] = pack_bf16(c[2 * kt][2], c[2 * kt][3]);
+        a[kt][2] = pack_bf16(c[2 * kt + 1][0], c[2 * kt + 1][1]);
+        a[kt][3] = pack_bf16(c[2 * kt + 1][2], c[2 * kt + 1][3]);
+    }
+}
+template <int NA>
+__device__ __forceinline__ void zero(float (&c)[NA / 8][4]) {
+#pragma unroll
+    for (int j = 0; j < NA / 8; ++j) c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+}
+// Keep key columns j <= row t (diagonal included) of a [16, BT] accumulator whose rows start at r0.
+__device__ __forceinline__ void causal(float (&c)[BT / 8][4], int r0, int lane) {
+#pragma unroll
+    for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (8 * j + 2 * (lane & 3) + (e & 1) > r0 + (lane >> 2) + 8 * (e >> 1)) c[j][e] = 0.f;
+}
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+// [BT, D] rows of a [rows, heads, D] tensor into a shared tile of row stride D + 8: row r comes from
+// src + rows_at(r) * D, or is zero where rows_at(r) < 0.
+template <int D, typename F>
+__device__ __forceinline__ void stage(IN_T* dst, const IN_T* src, F rows_at, int tid) {
+#pragma unroll 4
+    for (int i = tid; i < BT * (D / 8); i += MT) {
+        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        const i64 row = rows_at(r);
+        cp16(dst + r * (D + 8) + c, row >= 0 ? src + row * D + c : src, row >= 0);
+    }
+}
+// float state [R, C] -> bfloat16 shared tile of row stride C + 8.
+template <int R, int C>
+__device__ __forceinline__ void stage_state(IN_T* dst, const float* src, int tid) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+#pragma unroll 4
+    for (int i = tid; i < R * C / 4; i += MT) {
+        const float4 x = s4[i];
+        u32* d = reinterpret_cast<u32*>(dst + (4 * i / C) * (C + 8) + 4 * i % C);
+        d[0] = pack_bf16(x.x, x.y);
+        d[1] = pack_bf16(x.z, x.w);
+    }
+}
+
+// Shared memory (forward.py mma_smem_bytes, same order): sQ [BT, LDK] q_slot rows, then q rows;
+// then either the slot operands  sKs [BT, LDK] sVs [BT, LDV] sHk [KD, LDM] sHv [MD, LDV] sSw [BT, LDM]
+// (bfloat16) and sGc [BT, LDG] (float),  or, once the slot terms are done, the window tiles
+// sK [2][BT, LDK] and sV [2][BT, LDV].
+// redo: [1 + NC * HQ] int, redo[0] = 0 before the launch (see nha_fwd_redo_tc).
+extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
+    const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
+    const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,
+    const IN_T* __restrict__ k_slot, const float* __restrict__ hk_chunks,
+    const float* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,
+    const int* __restrict__ chunk_n, const i64* __restrict__ chunk_t0, IN_T* __restrict__ o,
+    float* __restrict__ lse, int* __restrict__ redo, int T, int HQ, int H, int W, float scale) {
+    extern __shared__ uint4 smem_mma[];
+    IN_T* sQ = reinterpret_cast<IN_T*>(smem_mma);
+    IN_T* sKs = sQ + BT * LDK;
+    IN_T* sVs = sKs + BT * LDK;
+    IN_T* sHk = sVs + BT * LDV;
+    IN_T* sHv = sHk + KD * LDM;
+    IN_T* sSw = sHv + MD * LDV;
+    float* sGc = reinterpret_cast<float*>(sSw + BT * LDM);
+    IN_T* sK = sKs;                  // window tiles: sK + b * BT * LDK, sV + b * BT * LDV
+    IN_T* sV = sK + 2 * BT * LDK;
+
+    const int i_c = blockIdx.x, i_hq = blockIdx.y, i_h = i_hq / (HQ / H);
+    const int tid = threadIdx.x, lane = tid & 31, gq = lane >> 2, q4 = lane & 3, r0 = (tid >> 5) * QW;
+    const int diag = tid >> 5;  // the warp's diagonal k-tile of 16 keys in the causal products
+    const int n = chunk_n[i_c];
+    const i64 bos = bos_arr[n], eos = bos_arr[n + 1], t0 = chunk_t0[i_c];
+    const int nt = (int)min((i64)BT, eos - t0);
+    const float qk2 = scale * LOG2E_F;
+
+    // 1. Slot operands: q_slot rows, shifted k_slot / v rows (zero for identity rows), states.
+    stage<KD>(sQ, q_slot + (i64)i_hq * KD, [&](int r) -> i64 { return r < nt ? (t0 + r) * HQ : -1; }, tid);
+    auto shifted = [&](int r) -> i64 { return (r < nt && t0 + r - W >= bos) ? (t0 + r - W) * H : -1; };
+    stage<KD>(sKs, k_slot + (i64)i_h * KD, shifted, tid);
+    stage<VD>(sVs, v + (i64)i_h * VD, shifted, tid);
+    cp_commit();
+    stage_state<KD, MD>(sHk, hk_chunks + ((i64)i_c * H + i_h) * KD * MD, tid);
+    stage_state<MD, VD>(sHv, hv_chunks + ((i64)i_c * H + i_h) * MD * VD, tid);
+    // Gc by columns: TPC threads per slot column, each a run of RPT rows, then the runs' offsets.
+    constexpr int TPC = MT / MD, RPT = BT / TPC;
+    const int gm = tid % MD, part = tid / MD;
+    const bool g_thread = part < TPC;
+    if (g_thread) {
+        float acc = 0.f;
+        for (int r = part * RPT; r < part * RPT + RPT; ++r) {
+            const i64 j = t0 + r - W;
+            const float gr = (r < nt && j >= bos) ? ld(g, (j * H + i_h) * MD + gm) : 0.f;
+            acc += fmaxf(gr, G_FLOOR) * LOG2E_F;
+            sGc[r * LDG + gm] = acc;
+        }
+    }
+    __syncthreads();
+    float off = 0.f;
+    if (g_thread)
+        for (int p = 0; p < part; ++p) off += sGc[(p * RPT + RPT - 1) * LDG + gm];
+    __syncthreads();  // every run's total is read before any is offset
+    bool unsafe = false;
+    if (g_thread)
+        for (int r = part * RPT; r < part * RPT + RPT; ++r) {
+            const float gc = sGc[r * LDG + gm] + off;
+            sGc[r * LDG + gm] = gc;
+            unsafe |= fabsf(gc) > SAFE2;
+            const i64 j = t0 + r - W, oj = (j * H + i_h) * MD + gm;
+            float w = 0.f;
+            if (r < nt && j >= bos) w = s != nullptr ? ld(s, oj) : -expm1f(ld(g, oj));
+            sSw[r * LDM + gm] = __float2bfloat16_rn(w * exp2f(-gc));
+        }
+    cp_wait<0>();
+    if (__syncthreads_or(unsafe)) {  // decays do not factor: the fp32 kernel redoes this block
+        if (tid == 0) redo[1 + atomicAdd(redo, 1)] = i_c * HQ + i_hq;
+        return;
+    }
+
+    // 2. Slot logits of the warp's rows: Ls = qk2 2^Gc (Qs Hk_c + causal(Qs Ks^T) Sw).
+    float m_i[2], l_i[2], acc[VD / 8][4];
+    {
+        u32 qa[KD / 16][4];
+#pragma unroll
+        for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qa[kt], at_a(sQ, LDK, r0, kt * 16, lane));
+        float ls[MD / 8][4];
+        zero<MD>(ls);
+        mm_rs<KD, MD, false>(ls, qa, sHk, LDM, lane);
+        {
+            float a_t[BT / 8][4];
+            zero<BT>(a_t);
+            // Qs Ks^T over the key tiles up to the diagonal (n-tiles past it stay zero)
+#pragma unroll
+            for (int kt = 0; kt < KD / 16; ++kt)
+#pragma unroll
+                for (int np = 0; np < BT / 16; ++np) {
+                    if (np > diag) break;
+                    u32 f[4];
+                    ldsm4(f, at_b_nk(sKs, LDK, kt * 16, np * 16, lane));
+                    mma16816(a_t[2 * np], qa[kt], f[0], f[1]);
+                    mma16816(a_t[2 * np + 1], qa[kt], f[2], f[3]);
+                }
+            causal(a_t, r0, lane);
+            u32 aa[BT / 16][4];
+            to_a<BT>(aa, a_t);
+            mm_rs<BT, MD, false>(ls, aa, sSw, LDM, lane, diag);
+        }
+        // 3. Softmax seed: max and sum over the M slots; Pe = 2^(Ls - max) 2^Gc.
+        m_i[0] = m_i[1] = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < MD / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                ls[j][e] *= qk2 * exp2f(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
+                m_i[e >> 1] = fmaxf(m_i[e >> 1], ls[j][e]);
+            }
+        m_i[0] = quad_max(m_i[0]);
+        m_i[1] = quad_max(m_i[1]);
+        l_i[0] = l_i[1] = 0.f;  // this thread's part of the row sums (quad_sum at the end)
+#pragma unroll
+        for (int j = 0; j < MD / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(ls[j][e] - m_i[e >> 1]);
+                l_i[e >> 1] += p;
+                ls[j][e] = p * exp2f(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
+            }
+        u32 pe[MD / 16][4];
+        to_a<MD>(pe, ls);
+        // 4. Slot values: acc = Pe Hv_c + causal(Pe Sw^T) Vs.
+        zero<VD>(acc);
+        mm_rs<MD, VD, false>(acc, pe, sHv, LDV, lane);
+        float pw[BT / 8][4];
+        zero<BT>(pw);
+#pragma unroll
+        for (int kt = 0; kt < MD / 16; ++kt)
+#pragma unroll
+            for (int np = 0; np < BT / 16; ++np) {
+                if (np > diag) break;
+                u32 f[4];
+                ldsm4(f, at_b_nk(sSw, LDM, kt * 16, np * 16, lane));
+                mma16816(pw[2 * np], pe[kt], f[0], f[1]);
+                mma16816(pw[2 * np + 1], pe[kt], f[2], f[3]);
+            }
+        causal(pw, r0, lane);
+        u32 pa[BT / 16][4];
+        to_a<BT>(pa, pw);
+        mm_rs<BT, VD, false>(acc, pa, sVs, LDV, lane, diag);
+    }
+    __syncthreads();  // slot operands done: the window tiles take their memory, sQ takes q
+
+    // 5. Window band: keys (t-W, t] of the chunk's queries, tiles of BT keys, two buffers.
+    const i64 k_lo = max(bos, t0 - W + 1), k_hi = t0 + nt;
+    const int n_tiles = W > 0 ? (int)((k_hi - k_lo + BT - 1) / BT) : 0;
+    auto stage_tile = [&](int it) {
+        const i64 s0 = k_lo + (i64)it * BT;
+        auto keys = [&](int r) -> i64 { return s0 + r < k_hi ? (s0 + r) * H : -1; };
+        stage<KD>(sK + (it & 1) * BT * LDK, k + (i64)i_h * KD, keys, tid);
+        stage<VD>(sV + (it & 1) * BT * LDV, v + (i64)i_h * VD, keys, tid);
+        cp_commit();
+    };
+    if (n_tiles > 0) {
+        stage<KD>(sQ, q + (i64)i_hq * KD, [&](int r) -> i64 { return r < nt ? (t0 + r) * HQ : -1; }, tid);
+        stage_tile(0);
+    }
+    u32 qf[KD / 16][4];
+    for (int it = 0; it < n_tiles; ++it) {
+        if (it + 1 < n_tiles) {
+            stage_tile(it + 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        if (it == 0)
+#pragma unroll
+            for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qf[kt], at_a(sQ, LDK, r0, kt * 16, lane));
+        const IN_T* tk = sK + (it & 1) * BT * LDK;
+        const IN_T* tv = sV + (it & 1) * BT * LDV;
+        const i64 s0 = k_lo + (i64)it * BT;
+        float sc[BT / 8][4];
+        zero<BT>(sc);
+        mm_rs<KD, BT, true>(sc, qf, tk, LDK, lane);
+        // every key of the tile inside every real row's band: no mask
+        const bool full = s0 + BT <= k_hi && s0 + BT - 1 <= t0 && s0 > t0 + nt - 1 - W;
+        float m_n[2] = {m_i[0], m_i[1]};
+#pragma unroll
+        for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                float x = sc[j][e] * qk2;
+                if (!full) {
+                    const i64 t = t0 + r0 + gq + 8 * (e >> 1), kj = s0 + 8 * j + 2 * q4 + (e & 1);
+                    if (!(kj < k_hi && kj <= t && kj > t - W)) x = -INFINITY;
+                }
+                sc[j][e] = x;
+                m_n[e >> 1] = fmaxf(m_n[e >> 1], x);
+            }
+        float alpha[2];
+#pragma unroll
+        for (int h2 = 0; h2 < 2; ++h2) {
+            m_n[h2] = quad_max(m_n[h2]);  // >= the slot max: finite
+            alpha[h2] = exp2f(m_i[h2] - m_n[h2]);
+            m_i[h2] = m_n[h2];
+            l_i[h2] *= alpha[h2];
+        }
+#pragma unroll
+        for (int j = 0; j < BT / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(sc[j][e] - m_i[e >> 1]);
+                l_i[e >> 1] += p;
+                sc[j][e] = p;
+            }
+#pragma unroll
+        for (int j = 0; j < VD / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] *= alpha[e >> 1];
+        u32 pa[BT / 16][4];
+        to_a<BT>(pa, sc);
+        mm_rs<BT, VD, false>(acc, pa, tv, LDV, lane);
+        __syncthreads();  // the next iteration's loads reuse this buffer
+    }
+
+    // 6. Normalise and store o, lse (natural log).
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+        const float l = quad_sum(l_i[h2]);
+        const int tt = r0 + gq + 8 * h2;
+        if (tt >= nt) continue;
+        const i64 t = t0 + tt;
+        u32* po = reinterpret_cast<u32*>(o + (t * HQ + i_hq) * VD + 2 * q4);
+#pragma unroll
+        for (int j = 0; j < VD / 8; ++j) po[4 * j] = pack_bf16(acc[j][2 * h2] / l, acc[j][2 * h2 + 1] / l);
+        if (q4 == 0) lse[((t / T) * HQ + i_hq) * T + t % T] = (m_i[h2] + log2f(l)) * 0.6931471805599453f;
+    }
+}
+#endif  // NHA_MMA
 #endif  // NHA_NO_TC

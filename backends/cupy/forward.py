@@ -105,15 +105,21 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
 
 
 def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-    """Tensor-core path (forward.cu nha_fwd_state_tc + nha_fwd_main_tc); s may be None."""
+    """Tensor-core path (forward.cu nha_fwd_state_tc, then nha_fwd_main_mma or nha_fwd_main_tc); s may
+    be None."""
     import cupy
 
-    BT = configs.pick_bt_tc(p)
-    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], BT=BT, RMAX=1)
     q, k, v, g = c(q), c(k), c(v), c(g)
     s = NULL if s is None else c(s)
     q_slot = q if q_slot is None else c(q_slot)
     k_slot = k if k_slot is None else c(k_slot)
+    # the register-tile kernel moves rows in 16-byte pieces: their arrays must start 16-byte aligned
+    mma = configs.use_mma(p) and all(x.data.ptr % 16 == 0 for x in (q, k, v, q_slot, k_slot))
+    BT = configs.MMA_BT if mma else configs.pick_bt_tc(p)
+    tiles = dict(BT=BT, RMAX=1)
+    if mma:  # nha_fwd_redo (the exact CUDA-core kernel) takes the chunks whose decays do not factor
+        tiles.update(NHA_MMA=1, KD=p.K, VD=p.V, MD=p.M, RMAX=configs.rmax(p))
+    mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], **tiles)
     table = chunk_table(p, cu_seqlens, BT)
     bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
     H, K, V, M = p.H, p.K, p.V, p.M
@@ -134,8 +140,18 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
 
     o = cupy.empty((p.B, p.T, p.HQ, p.V), dtype=configs.ARRAY_DTYPE[p.dtype])
     lse = cupy.empty((p.B, p.HQ, p.T), dtype=cupy.float32)
-    launch(mod, "nha_fwd_main_tc", (NC, p.HQ), (
-        q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos, chunk_n, chunk_t0, o, lse,
-        i32(p.T), i32(p.HQ), i32(H), i32(K), i32(V), i32(M), i32(p.W), np.float32(p.scale)),
-        4 * configs.smem_floats("fwd_main_tc", BT, K, V, M))
+    main_args = (q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos, chunk_n, chunk_t0, o, lse)
+    if not mma:
+        launch(mod, "nha_fwd_main_tc", (NC, p.HQ), main_args + (
+            i32(p.T), i32(p.HQ), i32(H), i32(K), i32(V), i32(M), i32(p.W), np.float32(p.scale)),
+            4 * configs.smem_floats("fwd_main_tc", BT, K, V, M))
+        return o, lse, hk, hv
+    redo = cupy.zeros(1 + NC * p.HQ, dtype=cupy.int32)
+    launch(mod, "nha_fwd_main_mma", (NC, p.HQ), main_args + (
+        redo, i32(p.T), i32(p.HQ), i32(H), i32(p.W), np.float32(p.scale)),
+        configs.mma_smem_bytes(K, V, M), threads=configs.MMA_THREADS)
+    sm_count = cupy.cuda.Device(q.device.id).attributes["MultiProcessorCount"]
+    launch(mod, "nha_fwd_redo", (min(NC * p.HQ, sm_count),), main_args + (
+        i32(p.T), i32(p.HQ), i32(H), i32(K), i32(V), i32(M), i32(p.W), np.float32(p.scale), redo),
+        4 * configs.smem_floats("fwd_main", BT, K, V, M))
     return o, lse, hk, hv
