@@ -278,9 +278,11 @@ STATE_PASS = "auto"
 # gpu-a): bf16 operands 254 registers, no spills (185 one chunk at a time); fp32 operands spill
 # 7.3 KiB (float32, 448 B one at a time) and 1.1 KiB (float16, 96 B), hence "bf16". H200
 # (2026-12-04, bf16, gpu-a, one process): walk 0.214 ms against 0.234, forward 0.703 ms against
-# 0.720 / 0.719, outputs bit-identical. Off until the GPU tests have run with "bf16" (odd chunk
-# counts, where the second chunk of the last step is empty, ran only in the interpreter).
-STATE_WALK_PAIRS = False
+# 0.720 / 0.719, outputs bit-identical. Again in the tenth session (same card, 2026-12-04,
+# `gpu_session.sh walk-pairs`): the walk's GPU tests passed under "bf16" (4, odd chunk counts and
+# varlen included), walk 0.214 ms against 0.232 / 0.231, forward 0.705 / 0.699 ms against
+# 0.720 / 0.713 and 0.715 / 0.716 before and after it, bit-identical; hence the default.
+STATE_WALK_PAIRS = "bf16"
 
 
 def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int) -> str:
