@@ -352,16 +352,19 @@ def test_forward_derived_s(dtype, name):
 
 @pytest.mark.parametrize("name", MMA_CASES)
 def test_forward_mma_matches_wmma_kernel(name, monkeypatch):
-    """The bf16 cases above do run nha_fwd_main_mma, and agree with the WMMA kernel it replaced."""
+    """The bf16 cases above do run the register-tile kernels (nha_fwd_state_mma, nha_fwd_main_mma),
+    and agree with the WMMA kernels they replaced."""
     from nha_core.backends.cupy import configs
 
     p, x = make(CASES[name], "bfloat16")
     assert configs.use_mma(p)
-    o1, lse1, _, _ = BACKEND.forward(p, *dev_args(p, x))
+    o1, lse1, hk1, hv1 = BACKEND.forward(p, *dev_args(p, x))
     monkeypatch.setattr(configs, "FWD_MMA", False)
-    o2, lse2, _, _ = BACKEND.forward(p, *dev_args(p, x))
+    o2, lse2, hk2, hv2 = BACKEND.forward(p, *dev_args(p, x))
     assert rel(to_host(o1, "bfloat16"), to_host(o2, "bfloat16")) <= 1e-2
     assert rel(cupy.asnumpy(lse1), cupy.asnumpy(lse2)) <= 1e-3
+    assert rel(cupy.asnumpy(hk1), cupy.asnumpy(hk2)) <= 1e-2
+    assert rel(cupy.asnumpy(hv1), cupy.asnumpy(hv2)) <= 1e-2
 
 
 def test_availability_reason():

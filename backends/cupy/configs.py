@@ -62,23 +62,24 @@ def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
     raise ValueError(kernel)
 
 
-# Register-tile forward (forward.cu nha_fwd_main_mma): bfloat16 inputs, K, V, M multiples of 16 up to
-# MMA_MAX_DIM, chunks of MMA_BT = 4 warps x 16 query rows, MMA_THREADS threads; off: the WMMA kernel
-# nha_fwd_main_tc for every chunk (its fp32 slot terms also redo the chunks whose decays do not factor).
+# Register-tile forward (forward.cu nha_fwd_state_mma + nha_fwd_main_mma): bfloat16 inputs, K, V, M
+# multiples of 16 up to MMA_MAX_DIM, chunks of MMA_BT = 4 warps x 16 query rows, MMA_THREADS threads;
+# the state walk takes MMA_STATE_COLUMNS slot columns of Hk or Hv per block. Off: the WMMA kernels
+# (nha_fwd_state_tc + nha_fwd_main_tc) for every chunk.
 FWD_MMA = True
 MMA_BT = 64
 MMA_THREADS = 128
+MMA_STATE_COLUMNS = 16  # forward.cu SC
 MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (252 registers; 135 at 64)
 
 
 def use_mma(p) -> bool:
-    """nha_fwd_main_mma for this problem: bfloat16, K, V, M multiples of 16 up to MMA_MAX_DIM, and its
-    companions at MMA_BT (the chunk-state kernel, nha_fwd_main for the chunks it leaves) fit shared
-    memory."""
+    """The register-tile kernels for this problem: bfloat16, K, V, M multiples of 16 up to MMA_MAX_DIM,
+    and nha_fwd_main at MMA_BT (for the chunks whose decays do not factor) fits shared memory."""
     return (FWD_MMA and use_tc(p) and p.dtype == "bfloat16"
             and all(d % 16 == 0 and d <= MMA_MAX_DIM for d in (p.K, p.V, p.M))
             and mma_smem_bytes(p.K, p.V, p.M) <= SMEM_LIMIT
-            and all(4 * smem_floats(name, MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT for name in ("fwd_main", "fwd_state_tc")))
+            and 4 * smem_floats("fwd_main", MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT)
 
 
 def mma_smem_bytes(K: int, V: int, M: int) -> int:

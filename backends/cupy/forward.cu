@@ -1094,5 +1094,158 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         if (q4 == 0) lse[((t / T) * HQ + i_hq) * T + t % T] = (m_i[h2] + log2f(l)) * 0.6931471805599453f;
     }
 }
+
+// Chunk states for nha_fwd_main_mma (replaces nha_fwd_state_tc in NHA_MMA builds), grid
+// (2 * MD / SC, N * H), MT threads. A block walks one (sequence, head)'s chunks in order for SC slot
+// columns of Hk (blockIdx.x < MD / SC: Hk[:, m0 .. m0+SC]) or of Hv (Hv[m0 .. m0+SC, :]); its state
+// tile stays in the warps' mma accumulators (fp32), and each chunk is one product (MATH.md section 2):
+//   Hk <- a Hk + Ks^T Wc,   Hv <- a Hv + Wc^T Vs,   Wc = S 2^(Gc_last - Gc) (<= 1, bfloat16),  a = 2^Gc_last,
+// the Triton walk's form (forward.py fwd_chunk_update). The next chunk's rows (cp.async, second
+// buffer) and gates (registers) load while this chunk's product runs. Gate sums: 8 runs of 8 rows
+// per slot column, one thread each; suffix sums inside a run, run totals through shared memory.
+#define SC 16                                   // slot columns per block
+#define DX (KD > VD ? KD : VD)                  // the larger row of the Hk and Hv parts
+static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one thread per slot column and run of 8 rows");
+extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
+    const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
+    const IN_T* __restrict__ s, const float* __restrict__ hk0, const float* __restrict__ hv0,
+    const i64* __restrict__ bos_arr, const int* __restrict__ seq_chunk0,
+    float* __restrict__ hk_chunks, float* __restrict__ hv_chunks,
+    float* __restrict__ hk_out, float* __restrict__ hv_out, int H, int W) {
+    __shared__ __align__(16) IN_T sX[2][BT * (DX + 8)];  // shifted k_slot or v rows of a chunk
+    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];     // Wc [BT, SC]
+    __shared__ float s_tot[BT / 8][SC];                  // gate sum of each run
+    __shared__ float s_a[SC];                            // 2^Gc_last
+    const bool is_k = blockIdx.x < MD / SC;
+    const int m0 = (is_k ? blockIdx.x : blockIdx.x - MD / SC) * SC;
+    const int n = blockIdx.y / H, h = blockIdx.y % H;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, q4 = lane & 3;
+    const int D = is_k ? KD : VD;
+    const IN_T* src = (is_k ? k_slot : v) + (i64)h * D;
+    const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
+    const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
+    const int gm = tid % SC, run = tid / SC;  // gate column and run of rows run*8 .. run*8+7
+
+    // The warp's accumulator tiles: Hk part, row tiles kd = 16 (warp + 4 i) and both 8-column
+    // halves of the SC slots; Hv part, the SC slot rows and value columns 16 (warp + 4 i) + 8 jn.
+    // Element e of (i, jn) is the state's (row, col) below, and e, e + 1 are adjacent in memory.
+    constexpr int NI = (DX / 16 + 3) / 4;
+    float acc[NI][2][4];
+    auto tile_ok = [&](int i) { return warp + 4 * i < D / 16; };
+    auto offset = [&](int i, int jn, int e) -> i64 {  // of the state element in one [K, M] / [M, V] state
+        if (is_k) return (i64)(16 * (warp + 4 * i) + gq + 8 * (e >> 1)) * MD + m0 + 8 * jn + 2 * q4 + (e & 1);
+        return (i64)(m0 + gq + 8 * (e >> 1)) * VD + 16 * (warp + 4 * i) + 8 * jn + 2 * q4 + (e & 1);
+    };
+    auto for_pairs = [&](auto&& f) {  // f(i, jn, e) for e = 0, 2 of every tile of the warp
+#pragma unroll
+        for (int i = 0; i < NI; ++i)
+            if (tile_ok(i))
+#pragma unroll
+                for (int jn = 0; jn < 2; ++jn) {
+                    f(i, jn, 0);
+                    f(i, jn, 2);
+                }
+    };
+    const float* h0 = is_k ? hk0 : hv0;
+    const i64 state_size = is_k ? (i64)KD * MD : (i64)MD * VD;
+    for_pairs([&](int i, int jn, int e) {
+        float2 x = make_float2(0.f, 0.f);
+        if (h0 != nullptr) x = *reinterpret_cast<const float2*>(h0 + ((i64)n * H + h) * state_size + offset(i, jn, e));
+        acc[i][jn][e] = x.x;
+        acc[i][jn][e + 1] = x.y;
+    });
+
+    auto stage_rows = [&](int c, int buf) {  // the shifted rows of chunk c
+        const i64 t0 = bos + (i64)(c - c0) * BT;
+        for (int i = tid; i < BT * (D / 8); i += MT) {
+            const int r = i / (D / 8), cc = (i % (D / 8)) * 8;
+            const i64 j = t0 + r - W;
+            const bool ok = t0 + r < eos && j >= bos;
+            cp16(&sX[buf][r * (D + 8) + cc], ok ? src + j * H * D + cc : src, ok);
+        }
+        cp_commit();
+    };
+    float g_raw[8], s_raw[8];  // the thread's run of chunk c (0 for identity rows and past the end)
+    auto load_gates = [&](int c) {
+        const i64 t0 = bos + (i64)(c - c0) * BT;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const i64 t = t0 + 8 * run + r, j = t - W, o = (j * H + h) * MD + m0 + gm;
+            const bool ok = t < eos && j >= bos;
+            g_raw[r] = ok ? ld(g, o) : 0.f;
+            s_raw[r] = ok ? (s != nullptr ? ld(s, o) : -expm1f(g_raw[r])) : 0.f;
+        }
+    };
+    if (c0 < c1) {
+        stage_rows(c0, 0);
+        load_gates(c0);
+    }
+    for (int c = c0; c < c1; ++c) {
+        const int buf = (c - c0) & 1;
+        float* dst = (is_k ? hk_chunks : hv_chunks) + ((i64)c * H + h) * state_size;
+        for_pairs([&](int i, int jn, int e) {
+            *reinterpret_cast<float2*>(dst + offset(i, jn, e)) = make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
+        });
+        // suffix sums of the run (gates after each row, inside the run), its total to the others
+        float ex[8], w[8], tot = 0.f;
+#pragma unroll
+        for (int r = 7; r >= 0; --r) {
+            ex[r] = tot;
+            tot += fmaxf(g_raw[r], G_FLOOR) * LOG2E_F;
+            w[r] = s_raw[r];
+        }
+        s_tot[run][gm] = tot;
+        if (c + 1 < c1) {
+            stage_rows(c + 1, buf ^ 1);
+            load_gates(c + 1);
+        }
+        __syncthreads();
+        float later = 0.f;  // gates of the runs after this one
+        for (int p = run + 1; p < BT / 8; ++p) later += s_tot[p][gm];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w[r] * exp2f(ex[r] + later));
+        if (run == 0) s_a[gm] = exp2f(tot + later);
+        if (c + 1 < c1) cp_wait<1>();
+        else cp_wait<0>();
+        __syncthreads();
+        for_pairs([&](int i, int jn, int e) {
+            const float a0 = is_k ? s_a[8 * jn + 2 * q4] : s_a[gq + 8 * (e >> 1)];
+            const float a1 = is_k ? s_a[8 * jn + 2 * q4 + 1] : a0;
+            acc[i][jn][e] *= a0;
+            acc[i][jn][e + 1] *= a1;
+        });
+        const IN_T* x = sX[buf];
+#pragma unroll
+        for (int kt = 0; kt < BT / 16; ++kt) {
+            u32 a[4], b[4];
+            if (is_k) {
+                ldsm4_t(b, at_b_kn(sW, SC + 8, kt * 16, 0, lane));
+#pragma unroll
+                for (int i = 0; i < NI; ++i)
+                    if (tile_ok(i)) {  // A = Ks^T: rows kd, stored [j][kd]
+                        ldsm4_t(a, x + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (D + 8) + 16 * (warp + 4 * i) + ((lane >> 3) & 1) * 8);
+                        mma16816(acc[i][0], a, b[0], b[1]);
+                        mma16816(acc[i][1], a, b[2], b[3]);
+                    }
+            } else {  // A = Wc^T: rows m, stored [j][m]
+                ldsm4_t(a, sW + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (SC + 8) + ((lane >> 3) & 1) * 8);
+#pragma unroll
+                for (int i = 0; i < NI; ++i)
+                    if (tile_ok(i)) {
+                        ldsm4_t(b, at_b_kn(x, D + 8, kt * 16, 16 * (warp + 4 * i), lane));
+                        mma16816(acc[i][0], a, b[0], b[1]);
+                        mma16816(acc[i][1], a, b[2], b[3]);
+                    }
+            }
+        }
+        __syncthreads();  // sW, s_tot, s_a and this buffer are rewritten in the next step
+    }
+    float* out = is_k ? hk_out : hv_out;
+    if (out != nullptr)
+        for_pairs([&](int i, int jn, int e) {
+            *reinterpret_cast<float2*>(out + ((i64)n * H + h) * state_size + offset(i, jn, e)) =
+                make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
+        });
+}
 #endif  // NHA_MMA
 #endif  // NHA_NO_TC

@@ -105,8 +105,8 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
 
 
 def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
-    """Tensor-core path (forward.cu nha_fwd_state_tc, then nha_fwd_main_mma or nha_fwd_main_tc); s may
-    be None."""
+    """Tensor-core path (forward.cu): nha_fwd_state_mma + nha_fwd_main_mma (+ nha_fwd_redo) where
+    configs.use_mma says so, else nha_fwd_state_tc + nha_fwd_main_tc; s may be None."""
     import cupy
 
     q, k, v, g = c(q), c(k), c(v), c(g)
@@ -131,12 +131,16 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     if p.output_final_state:
         hk = cupy.empty((N, H, K, M), dtype=cupy.float32)
         hv = cupy.empty((N, H, M, V), dtype=cupy.float32)
-    launch(mod, "nha_fwd_state_tc", (2 * (-(-M // configs.BMC)), N * H), (
-        k_slot, v, g, s,
-        c(hk0) if hk0 is not None else NULL, c(hv0) if hv0 is not None else NULL,
-        bos, seq_chunk0, hk_chunks, hv_chunks,
-        hk if hk is not None else NULL, hv if hv is not None else NULL,
-        i32(H), i32(K), i32(V), i32(M), i32(p.W)), 4 * configs.smem_floats("fwd_state_tc", BT, K, V, M))
+    state_args = (k_slot, v, g, s,
+                  c(hk0) if hk0 is not None else NULL, c(hv0) if hv0 is not None else NULL,
+                  bos, seq_chunk0, hk_chunks, hv_chunks,
+                  hk if hk is not None else NULL, hv if hv is not None else NULL)
+    if mma:
+        launch(mod, "nha_fwd_state_mma", (2 * M // configs.MMA_STATE_COLUMNS, N * H), state_args + (i32(H), i32(p.W)),
+               threads=configs.MMA_THREADS)
+    else:
+        launch(mod, "nha_fwd_state_tc", (2 * (-(-M // configs.BMC)), N * H), state_args + (
+            i32(H), i32(K), i32(V), i32(M), i32(p.W)), 4 * configs.smem_floats("fwd_state_tc", BT, K, V, M))
 
     o = cupy.empty((p.B, p.T, p.HQ, p.V), dtype=configs.ARRAY_DTYPE[p.dtype])
     lse = cupy.empty((p.B, p.HQ, p.T), dtype=cupy.float32)
