@@ -70,6 +70,8 @@ FWD_MMA = True
 MMA_BT = 64
 MMA_THREADS = 128
 MMA_STATE_COLUMNS = 16  # forward.cu SC
+MMA_STATE_STAGES = 3    # forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead)
+MMA_FAST_EXP = True     # forward.cu FAST_EXP: softmax weights by ex2.approx (Triton's tl.exp2), else exp2f
 MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (252 registers; 135 at 64)
 
 
@@ -78,8 +80,14 @@ def use_mma(p) -> bool:
     and nha_fwd_main at MMA_BT (for the chunks whose decays do not factor) fits shared memory."""
     return (FWD_MMA and use_tc(p) and p.dtype == "bfloat16"
             and all(d % 16 == 0 and d <= MMA_MAX_DIM for d in (p.K, p.V, p.M))
-            and mma_smem_bytes(p.K, p.V, p.M) <= SMEM_LIMIT
+            and max(mma_smem_bytes(p.K, p.V, p.M), state_mma_smem_bytes(p.K, p.V)) <= SMEM_LIMIT
             and 4 * smem_floats("fwd_main", MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT)
+
+
+def state_mma_smem_bytes(K: int, V: int) -> int:
+    """Dynamic shared memory of nha_fwd_state_mma: MMA_STATE_STAGES stages of the shifted rows
+    [BT, max(K, V) + 8] and the block's gates and write weights [BT, MMA_STATE_COLUMNS], 2 bytes each."""
+    return MMA_STATE_STAGES * 2 * MMA_BT * (max(K, V) + 8 + 2 * MMA_STATE_COLUMNS)
 
 
 def mma_smem_bytes(K: int, V: int, M: int) -> int:

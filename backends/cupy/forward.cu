@@ -731,6 +731,9 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main_tc(
 #ifndef MD
 #define MD 64
 #endif
+#ifndef FAST_EXP
+#define FAST_EXP 1
+#endif
 #define MT 128               // threads of nha_fwd_main_mma
 #define QW 16                // query rows per warp
 #define LDK (KD + 8)         // shared row strides, elements: 16 bytes of padding keep ldmatrix
@@ -762,6 +765,17 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// 2^x for the softmax weights: the MUFU approximation (ex2.approx.ftz, ~2 ulp; the Triton backend's
+// tl.exp2) when FAST_EXP, else exp2f.
+__device__ __forceinline__ float exp2_w(float x) {
+#if FAST_EXP
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return exp2f(x);
+#endif
 }
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
@@ -980,7 +994,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         for (int j = 0; j < MD / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(ls[j][e] - m_i[e >> 1]);
+                const float p = exp2_w(ls[j][e] - m_i[e >> 1]);
                 l_i[e >> 1] += p;
                 ls[j][e] = p * exp2f(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
             }
@@ -1042,6 +1056,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         mm_rs<KD, BT, true>(sc, qf, tk, LDK, lane);
         // every key of the tile inside every real row's band: no mask
         const bool full = s0 + BT <= k_hi && s0 + BT - 1 <= t0 && s0 > t0 + nt - 1 - W;
+        const int ds = (int)(s0 - t0);  // key j = s0 + col against query t = t0 + row: j - t = ds + col - row
         float m_n[2] = {m_i[0], m_i[1]};
 #pragma unroll
         for (int j = 0; j < BT / 8; ++j)
@@ -1049,8 +1064,8 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
             for (int e = 0; e < 4; ++e) {
                 float x = sc[j][e] * qk2;
                 if (!full) {
-                    const i64 t = t0 + r0 + gq + 8 * (e >> 1), kj = s0 + 8 * j + 2 * q4 + (e & 1);
-                    if (!(kj < k_hi && kj <= t && kj > t - W)) x = -INFINITY;
+                    const int col = ds + 8 * j + 2 * q4 + (e & 1), d = col - (r0 + gq + 8 * (e >> 1));
+                    if (!(col < nt && d <= 0 && d > -W)) x = -INFINITY;
                 }
                 sc[j][e] = x;
                 m_n[e >> 1] = fmaxf(m_n[e >> 1], x);
@@ -1059,7 +1074,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) {
             m_n[h2] = quad_max(m_n[h2]);  // >= the slot max: finite
-            alpha[h2] = exp2f(m_i[h2] - m_n[h2]);
+            alpha[h2] = exp2_w(m_i[h2] - m_n[h2]);
             m_i[h2] = m_n[h2];
             l_i[h2] *= alpha[h2];
         }
@@ -1067,7 +1082,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         for (int j = 0; j < BT / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(sc[j][e] - m_i[e >> 1]);
+                const float p = exp2_w(sc[j][e] - m_i[e >> 1]);
                 l_i[e >> 1] += p;
                 sc[j][e] = p;
             }
@@ -1100,31 +1115,40 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 // columns of Hk (blockIdx.x < MD / SC: Hk[:, m0 .. m0+SC]) or of Hv (Hv[m0 .. m0+SC, :]); its state
 // tile stays in the warps' mma accumulators (fp32), and each chunk is one product (MATH.md section 2):
 //   Hk <- a Hk + Ks^T Wc,   Hv <- a Hv + Wc^T Vs,   Wc = S 2^(Gc_last - Gc) (<= 1, bfloat16),  a = 2^Gc_last,
-// the Triton walk's form (forward.py fwd_chunk_update). The next chunk's rows (cp.async, second
-// buffer) and gates (registers) load while this chunk's product runs. Gate sums: 8 runs of 8 rows
-// per slot column, one thread each; suffix sums inside a run, run totals through shared memory.
+// the Triton walk's form (forward.py fwd_chunk_update). A chunk's shifted rows and its gates (and s)
+// reach shared memory by cp.async through a ring of SST stages, SST - 1 chunks ahead of the walk,
+// so the chain per chunk is two barriers, the gate sums and the product. Gate sums: each warp takes
+// SC / 4 slot columns, one lane per column and run of 8 rows; suffix sums inside a run, then across
+// the runs of a column by shuffles.
 #define SC 16                                   // slot columns per block
 #define DX (KD > VD ? KD : VD)                  // the larger row of the Hk and Hv parts
-static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one thread per slot column and run of 8 rows");
+#ifndef SST
+#define SST 3                                   // ring stages (forward.py state_mma_smem_bytes)
+#endif
+static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one lane per slot column and run of 8 rows");
+static_assert(SC * 2 == 32, "nha_fwd_state_mma: a row of SC gates is two 16-byte pieces");
+
+// Dynamic shared memory, SST stages of: X [BT, DX+8] (shifted k_slot or v rows), G [BT, SC] and
+// S [BT, SC] (gates and write weights of the block's slot columns, as stored: IN_T).
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
     const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
     const IN_T* __restrict__ s, const float* __restrict__ hk0, const float* __restrict__ hv0,
     const i64* __restrict__ bos_arr, const int* __restrict__ seq_chunk0,
     float* __restrict__ hk_chunks, float* __restrict__ hv_chunks,
     float* __restrict__ hk_out, float* __restrict__ hv_out, int H, int W) {
-    __shared__ __align__(16) IN_T sX[2][BT * (DX + 8)];  // shifted k_slot or v rows of a chunk
-    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];     // Wc [BT, SC]
-    __shared__ float s_tot[BT / 8][SC];                  // gate sum of each run
-    __shared__ float s_a[SC];                            // 2^Gc_last
+    extern __shared__ uint4 smem_state[];
+    constexpr int XS = BT * (DX + 8), GS = BT * SC, STAGE = XS + 2 * GS;
+    IN_T* ring = reinterpret_cast<IN_T*>(smem_state);
+    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];  // Wc [BT, SC]
+    __shared__ float s_a[SC];                         // 2^Gc_last
     const bool is_k = blockIdx.x < MD / SC;
     const int m0 = (is_k ? blockIdx.x : blockIdx.x - MD / SC) * SC;
     const int n = blockIdx.y / H, h = blockIdx.y % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, q4 = lane & 3;
     const int D = is_k ? KD : VD;
-    const IN_T* src = (is_k ? k_slot : v) + (i64)h * D;
     const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
     const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
-    const int gm = tid % SC, run = tid / SC;  // gate column and run of rows run*8 .. run*8+7
+    const int gm = 4 * warp + (lane & 3), run = lane >> 2;  // gate column, run of rows 8 run .. 8 run + 7
 
     // The warp's accumulator tiles: Hk part, row tiles kd = 16 (warp + 4 i) and both 8-column
     // halves of the SC slots; Hv part, the SC slot rows and value columns 16 (warp + 4 i) + 8 jn.
@@ -1155,58 +1179,55 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
         acc[i][jn][e + 1] = x.y;
     });
 
-    auto stage_rows = [&](int c, int buf) {  // the shifted rows of chunk c
-        const i64 t0 = bos + (i64)(c - c0) * BT;
-        for (int i = tid; i < BT * (D / 8); i += MT) {
-            const int r = i / (D / 8), cc = (i % (D / 8)) * 8;
-            const i64 j = t0 + r - W;
-            const bool ok = t0 + r < eos && j >= bos;
-            cp16(&sX[buf][r * (D + 8) + cc], ok ? src + j * H * D + cc : src, ok);
+    // Chunk c's shifted rows, gates and write weights into ring stage (c - c0) % SST; zero-filled
+    // rows (identity tokens, past the end) have gate 0 and weight 0. Always one commit group.
+    auto stage_chunk = [&](int c) {
+        if (c < c1) {
+            IN_T* st = ring + ((c - c0) % SST) * STAGE;
+            const i64 t0 = bos + (i64)(c - c0) * BT;
+            auto row_of = [&](int r) -> i64 { return (t0 + r < eos && t0 + r - W >= bos) ? t0 + r - W : -1; };
+            if (is_k) stage<KD>(st, k_slot + (i64)h * KD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
+            else stage<VD>(st, v + (i64)h * VD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
+            const int r = tid >> 1, half = (tid & 1) * 8;  // BT rows x 2 pieces = MT threads
+            const i64 j = row_of(r);
+            const i64 o = (j * H + h) * MD + m0 + half;
+            cp16(st + XS + r * SC + half, j >= 0 ? g + o : g, j >= 0);
+            if (s != nullptr) cp16(st + XS + GS + r * SC + half, j >= 0 ? s + o : s, j >= 0);
         }
         cp_commit();
     };
-    float g_raw[8], s_raw[8];  // the thread's run of chunk c (0 for identity rows and past the end)
-    auto load_gates = [&](int c) {
-        const i64 t0 = bos + (i64)(c - c0) * BT;
 #pragma unroll
-        for (int r = 0; r < 8; ++r) {
-            const i64 t = t0 + 8 * run + r, j = t - W, o = (j * H + h) * MD + m0 + gm;
-            const bool ok = t < eos && j >= bos;
-            g_raw[r] = ok ? ld(g, o) : 0.f;
-            s_raw[r] = ok ? (s != nullptr ? ld(s, o) : -expm1f(g_raw[r])) : 0.f;
-        }
-    };
-    if (c0 < c1) {
-        stage_rows(c0, 0);
-        load_gates(c0);
-    }
+    for (int k = 0; k < SST - 1; ++k) stage_chunk(c0 + k);
     for (int c = c0; c < c1; ++c) {
-        const int buf = (c - c0) & 1;
         float* dst = (is_k ? hk_chunks : hv_chunks) + ((i64)c * H + h) * state_size;
         for_pairs([&](int i, int jn, int e) {
             *reinterpret_cast<float2*>(dst + offset(i, jn, e)) = make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
         });
-        // suffix sums of the run (gates after each row, inside the run), its total to the others
-        float ex[8], w[8], tot = 0.f;
+        cp_wait<SST - 2>();  // chunk c's group is complete
+        __syncthreads();     // ... for every thread; and the previous step is done with sW and its stage
+        stage_chunk(c + SST - 1);
+        const IN_T* st = ring + ((c - c0) % SST) * STAGE;
+        // gates after each row inside the run, then the runs after this one (lanes 4 apart)
+        float ex[8], tot = 0.f;
 #pragma unroll
         for (int r = 7; r >= 0; --r) {
             ex[r] = tot;
-            tot += fmaxf(g_raw[r], G_FLOOR) * LOG2E_F;
-            w[r] = s_raw[r];
+            tot += fmaxf(ld(st + XS, (8 * run + r) * SC + gm), G_FLOOR) * LOG2E_F;
         }
-        s_tot[run][gm] = tot;
-        if (c + 1 < c1) {
-            stage_rows(c + 1, buf ^ 1);
-            load_gates(c + 1);
-        }
-        __syncthreads();
-        float later = 0.f;  // gates of the runs after this one
-        for (int p = run + 1; p < BT / 8; ++p) later += s_tot[p][gm];
+        float incl = tot;  // inclusive suffix sum over runs >= run
 #pragma unroll
-        for (int r = 0; r < 8; ++r) sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w[r] * exp2f(ex[r] + later));
-        if (run == 0) s_a[gm] = exp2f(tot + later);
-        if (c + 1 < c1) cp_wait<1>();
-        else cp_wait<0>();
+        for (int d = 1; d < BT / 8; d *= 2) {
+            const float y = __shfl_down_sync(0xffffffffu, incl, 4 * d);
+            if (run + d < BT / 8) incl += y;
+        }
+        const float later = incl - tot;
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            const int o = (8 * run + r) * SC + gm;
+            const float w = s != nullptr ? ld(st + XS + GS, o) : -expm1f(ld(st + XS, o));
+            sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w * exp2f(ex[r] + later));
+        }
+        if (run == 0) s_a[gm] = exp2f(incl);
         __syncthreads();
         for_pairs([&](int i, int jn, int e) {
             const float a0 = is_k ? s_a[8 * jn + 2 * q4] : s_a[gq + 8 * (e >> 1)];
@@ -1214,7 +1235,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
             acc[i][jn][e] *= a0;
             acc[i][jn][e + 1] *= a1;
         });
-        const IN_T* x = sX[buf];
+        const IN_T* x = st;
 #pragma unroll
         for (int kt = 0; kt < BT / 16; ++kt) {
             u32 a[4], b[4];
@@ -1223,7 +1244,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 #pragma unroll
                 for (int i = 0; i < NI; ++i)
                     if (tile_ok(i)) {  // A = Ks^T: rows kd, stored [j][kd]
-                        ldsm4_t(a, x + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (D + 8) + 16 * (warp + 4 * i) + ((lane >> 3) & 1) * 8);
+                        ldsm4_t(a, x + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (KD + 8) + 16 * (warp + 4 * i) + ((lane >> 3) & 1) * 8);
                         mma16816(acc[i][0], a, b[0], b[1]);
                         mma16816(acc[i][1], a, b[2], b[3]);
                     }
@@ -1232,14 +1253,14 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 #pragma unroll
                 for (int i = 0; i < NI; ++i)
                     if (tile_ok(i)) {
-                        ldsm4_t(b, at_b_kn(x, D + 8, kt * 16, 16 * (warp + 4 * i), lane));
+                        ldsm4_t(b, at_b_kn(x, VD + 8, kt * 16, 16 * (warp + 4 * i), lane));
                         mma16816(acc[i][0], a, b[0], b[1]);
                         mma16816(acc[i][1], a, b[2], b[3]);
                     }
             }
         }
-        __syncthreads();  // sW, s_tot, s_a and this buffer are rewritten in the next step
     }
+    cp_wait<0>();  // the empty groups of the last steps
     float* out = is_k ? hk_out : hv_out;
     if (out != nullptr)
         for_pairs([&](int i, int jn, int e) {

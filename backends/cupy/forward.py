@@ -113,12 +113,14 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     s = NULL if s is None else c(s)
     q_slot = q if q_slot is None else c(q_slot)
     k_slot = k if k_slot is None else c(k_slot)
-    # the register-tile kernel moves rows in 16-byte pieces: their arrays must start 16-byte aligned
-    mma = configs.use_mma(p) and all(x.data.ptr % 16 == 0 for x in (q, k, v, q_slot, k_slot))
+    # the register-tile kernels move rows in 16-byte pieces: their arrays must start 16-byte aligned
+    mma = configs.use_mma(p) and all(x.data.ptr % 16 == 0 for x in (q, k, v, g, q_slot, k_slot)) \
+        and (s is NULL or s.data.ptr % 16 == 0)
     BT = configs.MMA_BT if mma else configs.pick_bt_tc(p)
     tiles = dict(BT=BT, RMAX=1)
     if mma:  # nha_fwd_redo (the exact CUDA-core kernel) takes the chunks whose decays do not factor
-        tiles.update(NHA_MMA=1, KD=p.K, VD=p.V, MD=p.M, RMAX=configs.rmax(p))
+        tiles.update(NHA_MMA=1, KD=p.K, VD=p.V, MD=p.M, RMAX=configs.rmax(p), SST=configs.MMA_STATE_STAGES,
+                     FAST_EXP=int(configs.MMA_FAST_EXP))
     mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], **tiles)
     table = chunk_table(p, cu_seqlens, BT)
     bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
@@ -137,7 +139,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                   hk if hk is not None else NULL, hv if hv is not None else NULL)
     if mma:
         launch(mod, "nha_fwd_state_mma", (2 * M // configs.MMA_STATE_COLUMNS, N * H), state_args + (i32(H), i32(p.W)),
-               threads=configs.MMA_THREADS)
+               configs.state_mma_smem_bytes(K, V), threads=configs.MMA_THREADS)
     else:
         launch(mod, "nha_fwd_state_tc", (2 * (-(-M // configs.BMC)), N * H), state_args + (
             i32(H), i32(K), i32(V), i32(M), i32(p.W)), 4 * configs.smem_floats("fwd_state_tc", BT, K, V, M))
