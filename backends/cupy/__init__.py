@@ -72,14 +72,34 @@ def mma_include():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def sm_count(device_id: int) -> int:
+    """Streaming multiprocessors of a device (132 on an H200)."""
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+_FUNCTIONS = {}  # (device, module id, name) -> [cupy Function, the dynamic shared memory it may use]
+
+
 def launch(module, name: str, grid, args, smem_bytes: int = 0, threads: int = configs.NT) -> None:
     """Launch ``name`` with ``threads`` threads (NT unless the kernel says otherwise); grids with a
-    zero dimension are skipped (nothing to do)."""
+    zero dimension are skipped (nothing to do). Functions are looked up once per device and module
+    (modules live as long as the process: ``kernels`` caches them), and raise their shared-memory
+    limit once: both are driver calls a launch need not repeat."""
+    import cupy
+
     if min(grid) <= 0:
         return
-    fn = module.get_function(name)
-    if smem_bytes > 48 * 1024:  # above the default limit the kernel must opt in
+    key = (cupy.cuda.runtime.getDevice(), id(module), name)
+    entry = _FUNCTIONS.get(key)
+    if entry is None:
+        entry = _FUNCTIONS[key] = [module.get_function(name), 48 * 1024]
+    fn = entry[0]
+    if smem_bytes > entry[1]:  # above the default limit the kernel must opt in
         fn.max_dynamic_shared_size_bytes = smem_bytes
+        entry[1] = smem_bytes
     fn(tuple(grid), (threads,), tuple(args), shared_mem=smem_bytes)
 
 

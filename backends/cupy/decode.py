@@ -9,11 +9,10 @@ version), read at every call; configs.DECODE_SPLITS forces the window split coun
 """
 from __future__ import annotations
 
-import functools
 
 import numpy as np
 
-from . import configs, kernels, launch
+from . import configs, kernels, launch, sm_count
 from .forward import NULL, c
 
 _LOG2E = 1.4426950408889634
@@ -53,12 +52,6 @@ def decode(p, q, k, v, g, s, q_slot, k_slot, state):
     return o, lse
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_id: int) -> int:
-    import cupy
-
-    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
-
 
 def _decode_split(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
     """Flash-decoding (decode.cu nha_decode_window, then nha_decode_merge): partials [N,HQ,S+1,*]."""
@@ -69,7 +62,7 @@ def _decode_split(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
     itemsize = state.k_cache.dtype.itemsize
     BG, DC = configs.decode_tiles(G, K, V, itemsize)
     QB = -(-G // BG)
-    S, RS = configs.decode_splits(N, H, QB, W, _sm_count(q.device.id))
+    S, RS = configs.decode_splits(N, H, QB, W, sm_count(q.device.id))
     P = S + 1
     mod = kernels("decode.cu", configs.CUDA_TYPE[p.dtype], _CACHE_TYPE[cache_dtype], BG=BG, DC=DC, TR=configs.DECODE_TR,
                   STG=configs.decode_stages(DC))

@@ -88,18 +88,20 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_chunk_state(
 //   r_m, r_l, r_c [BT] running max, running denominator, rescale factor
 //
 // o [B,T,HQ,V] (IN_T), lse [B,HQ,T] (float, natural log).
-#define FWD_MAIN_PARAMS                                                                         \
+#define FWD_MAIN_PARAMS(S_T)                                                                    \
     const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,          \
     const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,     \
-    const IN_T* __restrict__ k_slot, const float* __restrict__ hk_chunks,                        \
-    const float* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,                        \
+    const IN_T* __restrict__ k_slot, const S_T* __restrict__ hk_chunks,                          \
+    const S_T* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,                          \
     const int* __restrict__ chunk_n, const i64* __restrict__ chunk_t0, IN_T* __restrict__ o,     \
     float* __restrict__ lse, int T, int HQ, int H, int K, int V, int M, int W, float scale
 #define FWD_MAIN_ARGS \
     q, k, v, g, s, q_slot, k_slot, hk_chunks, hv_chunks, bos_arr, chunk_n, chunk_t0, o, lse, T, HQ, H, K, V, M, W, scale
 
-// The work of one block of nha_fwd_main: chunk i_c, query head i_hq (s may be null: s = 1 - exp(g)).
-__device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FWD_MAIN_PARAMS) {
+// The work of one block of nha_fwd_main: chunk i_c, query head i_hq (s may be null: s = 1 - exp(g);
+// chunk states S_T: float, or IN_T from nha_fwd_state_mma).
+template <typename S_T>
+__device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FWD_MAIN_PARAMS(S_T)) {
     extern __shared__ float smem_main[];  // (a name of its own: kernels below align theirs)
     float* smem = smem_main;
     float* A_s = smem;
@@ -145,11 +147,11 @@ __device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FW
         const int m = m0 + i_col;
         const bool m_ok = m < M;
         float b_h[RMAX];  // Hk[i_lane + LANES*r, m]
-        const float* p_h = hk_chunks + ((i64)i_c * H + i_h) * K * M;
+        const S_T* p_h = hk_chunks + ((i64)i_c * H + i_h) * K * M;
 #pragma unroll
         for (int r = 0; r < RMAX; ++r) {
             const int kk = i_lane + LANES * r;
-            b_h[r] = (m_ok && kk < K) ? p_h[(i64)kk * M + m] : 0.f;
+            b_h[r] = (m_ok && kk < K) ? ld(p_h, (i64)kk * M + m) : 0.f;
         }
         for (int tt = 0; tt < nt; ++tt) {
             const float a = m_ok ? A_s[tt * M + m] : 1.f;
@@ -265,11 +267,11 @@ __device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FW
         const int vv = v0 + i_col;
         const bool v_ok = vv < V;
         float b_h[RMAX];  // Hv[i_lane + LANES*r, vv]
-        const float* p_h = hv_chunks + ((i64)i_c * H + i_h) * M * V;
+        const S_T* p_h = hv_chunks + ((i64)i_c * H + i_h) * M * V;
 #pragma unroll
         for (int r = 0; r < RMAX; ++r) {
             const int m = i_lane + LANES * r;
-            b_h[r] = (v_ok && m < M) ? p_h[(i64)m * V + vv] : 0.f;
+            b_h[r] = (v_ok && m < M) ? ld(p_h, (i64)m * V + vv) : 0.f;
         }
         for (int tt = 0; tt < nt; ++tt) {
             const float u = v_ok ? V_s[tt * V + vv] : 0.f;
@@ -293,17 +295,18 @@ __device__ __forceinline__ void fwd_main_block(const int i_c, const int i_hq, FW
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(FWD_MAIN_PARAMS) {
-    fwd_main_block(blockIdx.x, blockIdx.y, FWD_MAIN_ARGS);
+extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main(FWD_MAIN_PARAMS(float)) {
+    fwd_main_block<float>(blockIdx.x, blockIdx.y, FWD_MAIN_ARGS);
 }
 
 // The blocks nha_fwd_main_mma left to the exact recurrence: redo[0] of them, redo[1 + i] = i_c * HQ
-// + i_hq. A fixed grid walks the list (its length is only known on the device).
-extern "C" __global__ void __launch_bounds__(NT) nha_fwd_redo(FWD_MAIN_PARAMS, const int* __restrict__ redo) {
+// + i_hq; chunk states as nha_fwd_state_mma stores them (IN_T). A fixed grid walks the list (its
+// length is only known on the device).
+extern "C" __global__ void __launch_bounds__(NT) nha_fwd_redo(FWD_MAIN_PARAMS(IN_T), const int* __restrict__ redo) {
     const int count = redo[0];
     for (int i = blockIdx.x; i < count; i += gridDim.x) {
         const int id = redo[1 + i];
-        fwd_main_block(id / HQ, id % HQ, FWD_MAIN_ARGS);
+        fwd_main_block<IN_T>(id / HQ, id % HQ, FWD_MAIN_ARGS);
         __syncthreads();  // the next block's staging overwrites shared memory
     }
 }
@@ -863,16 +866,13 @@ __device__ __forceinline__ void stage(IN_T* dst, const IN_T* src, F rows_at, int
         cp16(dst + r * (D + 8) + c, row >= 0 ? src + row * D + c : src, row >= 0);
     }
 }
-// float state [R, C] -> bfloat16 shared tile of row stride C + 8.
+// A dense [R, C] matrix into a shared tile of row stride C + 8.
 template <int R, int C>
-__device__ __forceinline__ void stage_state(IN_T* dst, const float* src, int tid) {
-    const float4* s4 = reinterpret_cast<const float4*>(src);
+__device__ __forceinline__ void stage_matrix(IN_T* dst, const IN_T* src, int tid) {
 #pragma unroll 4
-    for (int i = tid; i < R * C / 4; i += MT) {
-        const float4 x = s4[i];
-        u32* d = reinterpret_cast<u32*>(dst + (4 * i / C) * (C + 8) + 4 * i % C);
-        d[0] = pack_bf16(x.x, x.y);
-        d[1] = pack_bf16(x.z, x.w);
+    for (int i = tid; i < R * (C / 8); i += MT) {
+        const int r = i / (C / 8), c = (i % (C / 8)) * 8;
+        cp16(dst + r * (C + 8) + c, src + r * C + c, true);
     }
 }
 
@@ -884,8 +884,8 @@ __device__ __forceinline__ void stage_state(IN_T* dst, const float* src, int tid
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
     const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,
-    const IN_T* __restrict__ k_slot, const float* __restrict__ hk_chunks,
-    const float* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,
+    const IN_T* __restrict__ k_slot, const IN_T* __restrict__ hk_chunks,
+    const IN_T* __restrict__ hv_chunks, const i64* __restrict__ bos_arr,
     const int* __restrict__ chunk_n, const i64* __restrict__ chunk_t0, IN_T* __restrict__ o,
     float* __restrict__ lse, int* __restrict__ redo, int T, int HQ, int H, int W, float scale) {
     extern __shared__ uint4 smem_mma[];
@@ -912,21 +912,32 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     auto shifted = [&](int r) -> i64 { return (r < nt && t0 + r - W >= bos) ? (t0 + r - W) * H : -1; };
     stage<KD>(sKs, k_slot + (i64)i_h * KD, shifted, tid);
     stage<VD>(sVs, v + (i64)i_h * VD, shifted, tid);
+    stage_matrix<KD, MD>(sHk, hk_chunks + ((i64)i_c * H + i_h) * KD * MD, tid);
+    stage_matrix<MD, VD>(sHv, hv_chunks + ((i64)i_c * H + i_h) * MD * VD, tid);
     cp_commit();
-    stage_state<KD, MD>(sHk, hk_chunks + ((i64)i_c * H + i_h) * KD * MD, tid);
-    stage_state<MD, VD>(sHv, hv_chunks + ((i64)i_c * H + i_h) * MD * VD, tid);
-    // Gc by columns: TPC threads per slot column, each a run of RPT rows, then the runs' offsets.
+    // Gc by columns: TPC threads per slot column, each a run of RPT rows (loaded at once into
+    // registers), then the runs' offsets through shared memory.
     constexpr int TPC = MT / MD, RPT = BT / TPC;
     const int gm = tid % MD, part = tid / MD;
     const bool g_thread = part < TPC;
+    float gc_run[RPT], w_run[RPT];
     if (g_thread) {
-        float acc = 0.f;
-        for (int r = part * RPT; r < part * RPT + RPT; ++r) {
-            const i64 j = t0 + r - W;
-            const float gr = (r < nt && j >= bos) ? ld(g, (j * H + i_h) * MD + gm) : 0.f;
-            acc += fmaxf(gr, G_FLOOR) * LOG2E_F;
-            sGc[r * LDG + gm] = acc;
+#pragma unroll
+        for (int rr = 0; rr < RPT; ++rr) {
+            const int r = part * RPT + rr;
+            const i64 j = t0 + r - W, oj = (j * H + i_h) * MD + gm;
+            const bool ok = r < nt && j >= bos;
+            gc_run[rr] = ok ? ld(g, oj) : 0.f;
+            w_run[rr] = ok && s != nullptr ? ld(s, oj) : 0.f;
         }
+        float acc = 0.f;
+#pragma unroll
+        for (int rr = 0; rr < RPT; ++rr) {
+            if (s == nullptr) w_run[rr] = -expm1f(gc_run[rr]);  // 0 for identity rows (gate 0)
+            acc += fmaxf(gc_run[rr], G_FLOOR) * LOG2E_F;
+            gc_run[rr] = acc;
+        }
+        sGc[(part * RPT + RPT - 1) * LDG + gm] = acc;  // the run's total
     }
     __syncthreads();
     float off = 0.f;
@@ -935,14 +946,13 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     __syncthreads();  // every run's total is read before any is offset
     bool unsafe = false;
     if (g_thread)
-        for (int r = part * RPT; r < part * RPT + RPT; ++r) {
-            const float gc = sGc[r * LDG + gm] + off;
+#pragma unroll
+        for (int rr = 0; rr < RPT; ++rr) {
+            const int r = part * RPT + rr;
+            const float gc = gc_run[rr] + off;
             sGc[r * LDG + gm] = gc;
             unsafe |= fabsf(gc) > SAFE2;
-            const i64 j = t0 + r - W, oj = (j * H + i_h) * MD + gm;
-            float w = 0.f;
-            if (r < nt && j >= bos) w = s != nullptr ? ld(s, oj) : -expm1f(ld(g, oj));
-            sSw[r * LDM + gm] = __float2bfloat16_rn(w * exp2f(-gc));
+            sSw[r * LDM + gm] = __float2bfloat16_rn(w_run[rr] * exp2f(-gc));
         }
     cp_wait<0>();
     if (__syncthreads_or(unsafe)) {  // decays do not factor: the fp32 kernel redoes this block
@@ -1113,7 +1123,9 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 // Chunk states for nha_fwd_main_mma (replaces nha_fwd_state_tc in NHA_MMA builds), grid
 // (2 * MD / SC, N * H), MT threads. A block walks one (sequence, head)'s chunks in order for SC slot
 // columns of Hk (blockIdx.x < MD / SC: Hk[:, m0 .. m0+SC]) or of Hv (Hv[m0 .. m0+SC, :]); its state
-// tile stays in the warps' mma accumulators (fp32), and each chunk is one product (MATH.md section 2):
+// tile stays in the warps' mma accumulators (fp32; stored at each chunk start as IN_T, which is what
+// nha_fwd_main_mma's bf16 products read, and as fp32 at the end), and each chunk is one product
+// (MATH.md section 2):
 //   Hk <- a Hk + Ks^T Wc,   Hv <- a Hv + Wc^T Vs,   Wc = S 2^(Gc_last - Gc) (<= 1, bfloat16),  a = 2^Gc_last,
 // the Triton walk's form (forward.py fwd_chunk_update). A chunk's shifted rows and its gates (and s)
 // reach shared memory by cp.async through a ring of SST stages, SST - 1 chunks ahead of the walk,
@@ -1134,7 +1146,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
     const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
     const IN_T* __restrict__ s, const float* __restrict__ hk0, const float* __restrict__ hv0,
     const i64* __restrict__ bos_arr, const int* __restrict__ seq_chunk0,
-    float* __restrict__ hk_chunks, float* __restrict__ hv_chunks,
+    IN_T* __restrict__ hk_chunks, IN_T* __restrict__ hv_chunks,
     float* __restrict__ hk_out, float* __restrict__ hv_out, int H, int W) {
     extern __shared__ uint4 smem_state[];
     constexpr int XS = BT * (DX + 8), GS = BT * SC, STAGE = XS + 2 * GS;
@@ -1199,9 +1211,9 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 #pragma unroll
     for (int k = 0; k < SST - 1; ++k) stage_chunk(c0 + k);
     for (int c = c0; c < c1; ++c) {
-        float* dst = (is_k ? hk_chunks : hv_chunks) + ((i64)c * H + h) * state_size;
+        IN_T* dst = (is_k ? hk_chunks : hv_chunks) + ((i64)c * H + h) * state_size;
         for_pairs([&](int i, int jn, int e) {
-            *reinterpret_cast<float2*>(dst + offset(i, jn, e)) = make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
+            *reinterpret_cast<u32*>(dst + offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
         });
         cp_wait<SST - 2>();  // chunk c's group is complete
         __syncthreads();     // ... for every thread; and the previous step is done with sW and its stage

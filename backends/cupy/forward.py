@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from nha_core.interop import bf16_bits_to_float32, float32_to_bf16_bits
 
-from . import configs, kernels, launch
+from . import configs, kernels, launch, sm_count
 
 NULL = np.uint64(0)  # a null pointer argument
 
@@ -27,14 +29,31 @@ def chunk_table(p, cu_seqlens, BT: int):
 
     bos [N+1] int64: rows of sequence n are bos[n] .. bos[n+1]-1. seq_chunk0 [N+1] int32: chunks of
     sequence n are seq_chunk0[n] .. seq_chunk0[n+1]-1. chunk_n [NC] int32, chunk_t0 [NC] int64:
-    sequence and first row of each chunk. Built on the host (cu_seqlens is N+1 numbers).
+    sequence and first row of each chunk. Built on the host (cu_seqlens is N+1 numbers); the table
+    of B equal sequences is built once per (B, T, BT, device) and kept (dense_table).
     """
     import cupy
 
-    if cu_seqlens is not None:
-        bos = cupy.asnumpy(cu_seqlens).astype(np.int64)
-    else:
-        bos = np.arange(p.B + 1, dtype=np.int64) * p.T
+    if cu_seqlens is None:
+        return dense_table(p.B, p.T, BT, cupy.cuda.runtime.getDevice())
+    return _table(cupy.asnumpy(cu_seqlens).astype(np.int64), BT)
+
+
+@functools.lru_cache(maxsize=64)
+def dense_table(B: int, T: int, BT: int, device: int):
+    """chunk_table's arrays for B sequences of T rows, from CuPy's own pool (not the caller's
+    allocator: the arrays outlive the call)."""
+    import cupy
+
+    with cupy.cuda.Device(device), cupy.cuda.using_allocator(cupy.get_default_memory_pool().malloc):
+        table = _table(np.arange(B + 1, dtype=np.int64) * T, BT)
+        cupy.cuda.get_current_stream().synchronize()  # copied before any other stream reads it
+    return table
+
+
+def _table(bos, BT: int):
+    import cupy
+
     lengths = np.diff(bos)
     counts = -(-lengths // BT)
     seq_chunk0 = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
@@ -127,8 +146,10 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     H, K, V, M = p.H, p.K, p.V, p.M
     i32 = np.int32
 
-    hk_chunks = cupy.empty((NC, H, K, M), dtype=cupy.float32)
-    hv_chunks = cupy.empty((NC, H, M, V), dtype=cupy.float32)
+    # chunk states: IN_T for the register-tile kernels (their bf16 products read them so), else fp32
+    sdt = configs.ARRAY_DTYPE[p.dtype] if mma else cupy.float32
+    hk_chunks = cupy.empty((NC, H, K, M), dtype=sdt)
+    hv_chunks = cupy.empty((NC, H, M, V), dtype=sdt)
     hk = hv = None
     if p.output_final_state:
         hk = cupy.empty((N, H, K, M), dtype=cupy.float32)
@@ -156,8 +177,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     launch(mod, "nha_fwd_main_mma", (NC, p.HQ), main_args + (
         redo, i32(p.T), i32(p.HQ), i32(H), i32(p.W), np.float32(p.scale)),
         configs.mma_smem_bytes(K, V, M), threads=configs.MMA_THREADS)
-    sm_count = cupy.cuda.Device(q.device.id).attributes["MultiProcessorCount"]
-    launch(mod, "nha_fwd_redo", (min(NC * p.HQ, sm_count),), main_args + (
+    launch(mod, "nha_fwd_redo", (min(NC * p.HQ, sm_count(q.device.id)),), main_args + (
         i32(p.T), i32(p.HQ), i32(H), i32(K), i32(V), i32(M), i32(p.W), np.float32(p.scale), redo),
         4 * configs.smem_floats("fwd_main", BT, K, V, M))
     return o, lse, hk, hv
