@@ -806,15 +806,17 @@ __device__ __forceinline__ const IN_T* at_b_kn(const IN_T* t, int ld, int k0, in
 }
 
 // acc[NA/8][4] (+)= A (16 x KA, registers) @ B, B from shared: stored [n][k] when NK, else [k][n].
-// KT_MAX: only k-tiles kt <= KT_MAX take part (the causal products stop at the warp's diagonal).
+// Only k-tiles kt <= kt_max and n-tile pairs np <= np_max take part (16 rows / columns each): the
+// causal products stop at the warp's diagonal.
 template <int KA, int NA, bool NK>
 __device__ __forceinline__ void mm_rs(float (&acc)[NA / 8][4], const u32 (&a)[KA / 16][4], const IN_T* b, int ld,
-                                      int lane, int kt_max = KA / 16) {
+                                      int lane, int kt_max = KA / 16, int np_max = NA / 16) {
 #pragma unroll
     for (int kt = 0; kt < KA / 16; ++kt) {
         if (kt > kt_max) break;
 #pragma unroll
         for (int np = 0; np < NA / 16; ++np) {
+            if (np > np_max) break;
             u32 f[4];
             if (NK) ldsm4(f, at_b_nk(b, ld, kt * 16, np * 16, lane));
             else ldsm4_t(f, at_b_kn(b, ld, kt * 16, np * 16, lane));
@@ -972,17 +974,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         {
             float a_t[BT / 8][4];
             zero<BT>(a_t);
-            // Qs Ks^T over the key tiles up to the diagonal (n-tiles past it stay zero)
-#pragma unroll
-            for (int kt = 0; kt < KD / 16; ++kt)
-#pragma unroll
-                for (int np = 0; np < BT / 16; ++np) {
-                    if (np > diag) break;
-                    u32 f[4];
-                    ldsm4(f, at_b_nk(sKs, LDK, kt * 16, np * 16, lane));
-                    mma16816(a_t[2 * np], qa[kt], f[0], f[1]);
-                    mma16816(a_t[2 * np + 1], qa[kt], f[2], f[3]);
-                }
+            mm_rs<KD, BT, true>(a_t, qa, sKs, LDK, lane, KD / 16, diag);  // Qs Ks^T up to the diagonal
             causal(a_t, r0, lane);
             u32 aa[BT / 16][4];
             to_a<BT>(aa, a_t);
@@ -1015,16 +1007,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         mm_rs<MD, VD, false>(acc, pe, sHv, LDV, lane);
         float pw[BT / 8][4];
         zero<BT>(pw);
-#pragma unroll
-        for (int kt = 0; kt < MD / 16; ++kt)
-#pragma unroll
-            for (int np = 0; np < BT / 16; ++np) {
-                if (np > diag) break;
-                u32 f[4];
-                ldsm4(f, at_b_nk(sSw, LDM, kt * 16, np * 16, lane));
-                mma16816(pw[2 * np], pe[kt], f[0], f[1]);
-                mma16816(pw[2 * np + 1], pe[kt], f[2], f[3]);
-            }
+        mm_rs<MD, BT, true>(pw, pe, sSw, LDM, lane, MD / 16, diag);  // Pe Sw^T up to the diagonal
         causal(pw, r0, lane);
         u32 pa[BT / 16][4];
         to_a<BT>(pa, pw);
