@@ -9,7 +9,6 @@ version), read at every call; configs.DECODE_SPLITS forces the window split coun
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from . import configs, kernels, launch, sm_count
@@ -50,7 +49,6 @@ def decode(p, q, k, v, g, s, q_slot, k_slot, state):
         raise ValueError(f"cupy: configs.DECODE_VARIANT must be 'split' or 'per_head', got {configs.DECODE_VARIANT!r}")
     state.seen += 1
     return o, lse
-
 
 
 def _decode_split(p, q, k, v, g, s, q_slot, k_slot, state, cache_dtype):
