@@ -878,7 +878,7 @@ __device__ __forceinline__ void stage_matrix(IN_T* dst, const IN_T* src, int tid
     }
 }
 
-// Shared memory (forward.py mma_smem_bytes, same order): sQ [BT, LDK] q_slot rows, then q rows;
+// Shared memory (configs.mma_smem_bytes, same order): sQ [BT, LDK] q_slot rows, then q rows;
 // then either the slot operands  sKs [BT, LDK] sVs [BT, LDV] sHk [KD, LDM] sHv [MD, LDV] sSw [BT, LDM]
 // (bfloat16) and sGc [BT, LDG] (float),  or, once the slot terms are done, the window tiles
 // sK [2][BT, LDK] and sV [2][BT, LDV].
@@ -1118,7 +1118,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 #define SC 16                                   // slot columns per block
 #define DX (KD > VD ? KD : VD)                  // the larger row of the Hk and Hv parts
 #ifndef SST
-#define SST 3                                   // ring stages (forward.py state_mma_smem_bytes)
+#define SST 3                                   // ring stages (configs.state_mma_smem_bytes)
 #endif
 static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one lane per slot column and run of 8 rows");
 static_assert(SC * 2 == 32, "nha_fwd_state_mma: a row of SC gates is two 16-byte pieces");
