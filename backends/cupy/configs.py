@@ -72,6 +72,11 @@ MMA_THREADS = 128
 MMA_STATE_COLUMNS = 16  # forward.cu SC
 MMA_STATE_STAGES = 3    # forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead)
 MMA_FAST_EXP = True     # forward.cu FAST_EXP: softmax weights by ex2.approx (Triton's tl.exp2), else exp2f
+# forward.cu FAST_GATES: the gate math of the register-tile kernels off expm1f / exp2f (s derived as the
+# Triton backend does, decay factors that are rounded to bf16 by ex2.approx). Off until its GPU tests
+# have run: written in the tenth session when the device time had run out; `bash
+# asv_bench/gpu_session.sh cupy-gates` runs them, then times it (PERF_NOTES.md says why it may help).
+MMA_FAST_GATES = False
 MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (255 registers; 163 at 64)
 
 

@@ -737,6 +737,9 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main_tc(
 #ifndef FAST_EXP
 #define FAST_EXP 1
 #endif
+#ifndef FAST_GATES
+#define FAST_GATES 0
+#endif
 #define MT 128               // threads of nha_fwd_main_mma
 #define QW 16                // query rows per warp
 #define LDK (KD + 8)         // shared row strides, elements: 16 bytes of padding keep ldmatrix
@@ -769,15 +772,41 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// 2^x for the softmax weights: the MUFU approximation (ex2.approx.ftz, ~2 ulp; the Triton backend's
-// tl.exp2) when FAST_EXP, else exp2f.
-__device__ __forceinline__ float exp2_w(float x) {
-#if FAST_EXP
+// 2^x by the MUFU approximation (ex2.approx.ftz, ~2 ulp; the Triton backend's tl.exp2).
+__device__ __forceinline__ float ex2_approx(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+}
+// 2^x for the softmax weights: ex2_approx when FAST_EXP, else exp2f.
+__device__ __forceinline__ float exp2_w(float x) {
+#if FAST_EXP
+    return ex2_approx(x);
 #else
     return exp2f(x);
+#endif
+}
+// 2^x for a decay factor that is rounded to bfloat16 before use (Sw, Wc, Pe, the slot logits'
+// 2^Gc): ex2_approx when FAST_GATES, else exp2f. The state decay a = 2^Gc_last multiplies the fp32
+// state once per chunk and keeps exp2f.
+__device__ __forceinline__ float exp2_g(float x) {
+#if FAST_GATES
+    return ex2_approx(x);
+#else
+    return exp2f(x);
+#endif
+}
+// s = 1 - exp(g) where the kernels derive it (s == nullptr): -expm1f, or with FAST_GATES the Triton
+// backend's derive_s: a short series where |g| < 0.1 keeps the digits that 1 - 2^(g log2 e) cancels
+// away (relative error < 2e-9 there), else 1 - ex2_approx (float32 error < 4e-7 relative over
+// g in [-100, -1e-8], checked on the host against expm1). g = -inf gives 1, g = 0 gives 0.
+__device__ __forceinline__ float derive_s(float g) {
+#if FAST_GATES
+    if (fabsf(g) < 0.1f)
+        return -g * (1.f + g * (0.5f + g * (0.16666667f + g * (0.041666668f + g * 0.008333334f))));
+    return 1.f - ex2_approx(g * LOG2E_F);
+#else
+    return -expm1f(g);
 #endif
 }
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
@@ -935,7 +964,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         float acc = 0.f;
 #pragma unroll
         for (int rr = 0; rr < RPT; ++rr) {
-            if (s == nullptr) w_run[rr] = -expm1f(gc_run[rr]);  // 0 for identity rows (gate 0)
+            if (s == nullptr) w_run[rr] = derive_s(gc_run[rr]);  // 0 for identity rows (gate 0)
             acc += fmaxf(gc_run[rr], G_FLOOR) * LOG2E_F;
             gc_run[rr] = acc;
         }
@@ -954,7 +983,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
             const float gc = gc_run[rr] + off;
             sGc[r * LDG + gm] = gc;
             unsafe |= fabsf(gc) > SAFE2;
-            sSw[r * LDM + gm] = __float2bfloat16_rn(w_run[rr] * exp2f(-gc));
+            sSw[r * LDM + gm] = __float2bfloat16_rn(w_run[rr] * exp2_g(-gc));
         }
     cp_wait<0>();
     if (__syncthreads_or(unsafe)) {  // decays do not factor: the fp32 kernel redoes this block
@@ -986,7 +1015,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         for (int j = 0; j < MD / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                ls[j][e] *= qk2 * exp2f(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
+                ls[j][e] *= qk2 * exp2_g(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
                 m_i[e >> 1] = fmaxf(m_i[e >> 1], ls[j][e]);
             }
         m_i[0] = quad_max(m_i[0]);
@@ -998,7 +1027,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
             for (int e = 0; e < 4; ++e) {
                 const float p = exp2_w(ls[j][e] - m_i[e >> 1]);
                 l_i[e >> 1] += p;
-                ls[j][e] = p * exp2f(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
+                ls[j][e] = p * exp2_g(sGc[(r0 + gq + 8 * (e >> 1)) * LDG + 8 * j + 2 * q4 + (e & 1)]);
             }
         u32 pe[MD / 16][4];
         to_a<MD>(pe, ls);
@@ -1219,8 +1248,8 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
             const int o = (8 * run + r) * SC + gm;
-            const float w = s != nullptr ? ld(st + XS + GS, o) : -expm1f(ld(st + XS, o));
-            sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w * exp2f(ex[r] + later));
+            const float w = s != nullptr ? ld(st + XS + GS, o) : derive_s(ld(st + XS, o));
+            sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w * exp2_g(ex[r] + later));
         }
         if (run == 0) s_a[gm] = exp2f(incl);
         __syncthreads();

@@ -139,7 +139,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     tiles = dict(BT=BT, RMAX=1)
     if mma:  # nha_fwd_redo (the exact CUDA-core kernel) takes the chunks whose decays do not factor
         tiles.update(NHA_MMA=1, KD=p.K, VD=p.V, MD=p.M, RMAX=configs.rmax(p), SST=configs.MMA_STATE_STAGES,
-                     FAST_EXP=int(configs.MMA_FAST_EXP))
+                     FAST_EXP=int(configs.MMA_FAST_EXP), FAST_GATES=int(configs.MMA_FAST_GATES))
     mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], **tiles)
     table = chunk_table(p, cu_seqlens, BT)
     bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
