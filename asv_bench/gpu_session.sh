@@ -13,6 +13,7 @@
 #     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
 #   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS "bf16": the walk's GPU tests, then timed at gpu-a
 #   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests, then timed
+#   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS "scan": the forward GPU tests, then timed
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -108,6 +109,16 @@ for step in "$@"; do
         timeout 120 python3 asv_bench/tune_gpu.py --backend cupy --shape $sh --modes forward --out /tmp/cupy_gates_$sh \
           --variant default: --variant gates:MMA_FAST_GATES=True --variant default-again: > "$OUT/cupy_gates_$sh.log" 2>&1
         grep -A4 "^variant" "$OUT/cupy_gates_$sh.log"
+      done ;;
+    cupy-state-scan)   # the CuPy register-tile path's chunk states in two passes (backends/cupy/configs.py
+      # MMA_STATE_PASS "scan"): the CuPy forward GPU tests under it, then walk and scan timed at gpu-a, gpu-b, gpu-c
+      NHA_TEST_CUPY_CONFIG="MMA_STATE_PASS='scan'" timeout 200 python3 -m pytest -m gpu tests/test_cupy_gpu.py \
+        -k forward -q --tb=short -n 8 -p no:cacheprovider > "$OUT/cupy_scan_tests.log" 2>&1
+      grep -E "FAILED|ERROR|passed|failed" "$OUT/cupy_scan_tests.log" | tail -10
+      for sh in gpu-a gpu-b gpu-c; do
+        timeout 120 python3 asv_bench/tune_gpu.py --backend cupy --shape $sh --modes forward --out /tmp/cupy_scan_$sh \
+          --variant walk: --variant scan:MMA_STATE_PASS=\'scan\' --variant walk-again: > "$OUT/cupy_scan_$sh.log" 2>&1
+        grep -A4 "^variant" "$OUT/cupy_scan_$sh.log"
       done ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"

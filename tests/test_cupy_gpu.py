@@ -367,6 +367,26 @@ def test_forward_mma_matches_wmma_kernel(name, monkeypatch):
     assert rel(cupy.asnumpy(hv1), cupy.asnumpy(hv2)) <= 1e-2
 
 
+@pytest.mark.parametrize("name", MMA_CASES)
+def test_forward_state_scan(name, monkeypatch):
+    """configs.MMA_STATE_PASS = "scan" (every chunk's own update, then a chain per state element)
+    against the oracle and against the walk: chunk states enter o, lse and the final state."""
+    from nha_core.backends.cupy import configs
+
+    p, x = make(CASES[name], "bfloat16")
+    o1, lse1, hk1, hv1 = BACKEND.forward(p, *dev_args(p, x))
+    monkeypatch.setattr(configs, "MMA_STATE_PASS", "scan")
+    o2, lse2, hk2, hv2 = BACKEND.forward(p, *dev_args(p, x))
+    o_r, lse_r, hk_r, hv_r = reference.forward(x["q"], x["k"], x["v"], x["g"], **ref_kwargs(p, x))
+    assert rel(to_host(o2, "bfloat16"), o_r) <= TOL["bfloat16"]
+    assert rel(cupy.asnumpy(lse2), lse_r) <= TOL["bfloat16"]
+    assert rel(cupy.asnumpy(hk2), hk_r) <= TOL["bfloat16"]
+    assert rel(cupy.asnumpy(hv2), hv_r) <= TOL["bfloat16"]
+    assert rel(to_host(o2, "bfloat16"), to_host(o1, "bfloat16")) <= 1e-2
+    assert rel(cupy.asnumpy(hk2), cupy.asnumpy(hk1)) <= 1e-2
+    assert rel(cupy.asnumpy(hv2), cupy.asnumpy(hv1)) <= 1e-2
+
+
 def test_availability_reason():
     assert BACKEND.availability() is None
 

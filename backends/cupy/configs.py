@@ -71,6 +71,14 @@ MMA_BT = 64
 MMA_THREADS = 128
 MMA_STATE_COLUMNS = 16  # forward.cu SC
 MMA_STATE_STAGES = 3    # forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead)
+# How the register-tile path computes the chunk states: "walk" (nha_fwd_state_mma: one block per
+# (sequence, head, slot tile) walks the chunks in order; measured, the default) or "scan"
+# (nha_fwd_state_local_mma: every chunk's own update at once, then nha_fwd_state_scan chains them per
+# state element; for few long sequences, where the walk has few blocks on long chains: 128 blocks on
+# chains of 256 chunks at gpu-c). "scan" was written in the tenth session without device time left:
+# `bash asv_bench/gpu_session.sh cupy-state-scan` runs the CuPy forward GPU tests under it, then
+# times both at gpu-a, gpu-b and gpu-c.
+MMA_STATE_PASS = "walk"
 MMA_FAST_EXP = True     # forward.cu FAST_EXP: softmax weights by ex2.approx (Triton's tl.exp2), else exp2f
 # forward.cu FAST_GATES: the gate math of the register-tile kernels off expm1f / exp2f (s derived as the
 # Triton backend does, decay factors that are rounded to bf16 by ex2.approx). Off until its GPU tests
@@ -89,10 +97,12 @@ def use_mma(p) -> bool:
             and 4 * smem_floats("fwd_main", MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT)
 
 
-def state_mma_smem_bytes(K: int, V: int) -> int:
-    """Dynamic shared memory of nha_fwd_state_mma: MMA_STATE_STAGES stages of the shifted rows
-    [BT, max(K, V) + 8] and the block's gates and write weights [BT, MMA_STATE_COLUMNS], 2 bytes each."""
-    return MMA_STATE_STAGES * 2 * MMA_BT * (max(K, V) + 8 + 2 * MMA_STATE_COLUMNS)
+def state_mma_smem_bytes(K: int, V: int, stages: int | None = None) -> int:
+    """Dynamic shared memory of nha_fwd_state_mma (MMA_STATE_STAGES stages) or nha_fwd_state_local_mma
+    (stages=1). A stage: the shifted rows [BT, max(K, V) + 8] and the block's gates and write weights
+    [BT, MMA_STATE_COLUMNS], 2 bytes each."""
+    stages = MMA_STATE_STAGES if stages is None else stages
+    return stages * 2 * MMA_BT * (max(K, V) + 8 + 2 * MMA_STATE_COLUMNS)
 
 
 def mma_smem_bytes(K: int, V: int, M: int) -> int:

@@ -778,24 +778,12 @@ __device__ __forceinline__ float ex2_approx(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
-// 2^x for the softmax weights: ex2_approx when FAST_EXP, else exp2f.
-__device__ __forceinline__ float exp2_w(float x) {
-#if FAST_EXP
-    return ex2_approx(x);
-#else
-    return exp2f(x);
-#endif
-}
-// 2^x for a decay factor that is rounded to bfloat16 before use (Sw, Wc, Pe, the slot logits'
-// 2^Gc): ex2_approx when FAST_GATES, else exp2f. The state decay a = 2^Gc_last multiplies the fp32
-// state once per chunk and keeps exp2f.
-__device__ __forceinline__ float exp2_g(float x) {
-#if FAST_GATES
-    return ex2_approx(x);
-#else
-    return exp2f(x);
-#endif
-}
+template <bool APPROX> __device__ __forceinline__ float exp2_by(float x) { return APPROX ? ex2_approx(x) : exp2f(x); }
+// 2^x for the softmax weights (FAST_EXP) and for decay factors that are rounded to bfloat16 before
+// use (FAST_GATES: Sw, Wc, Pe, the slot logits' 2^Gc). The state decay a = 2^Gc_last multiplies the
+// fp32 state once per chunk and keeps exp2f.
+__device__ __forceinline__ float exp2_w(float x) { return exp2_by<FAST_EXP>(x); }
+__device__ __forceinline__ float exp2_g(float x) { return exp2_by<FAST_GATES>(x); }
 // s = 1 - exp(g) where the kernels derive it (s == nullptr): -expm1f, or with FAST_GATES the Triton
 // backend's derive_s: a short series where |g| < 0.1 keeps the digits that 1 - 2^(g log2 e) cancels
 // away (relative error < 2e-9 there), else 1 - ex2_approx (float32 error < 4e-7 relative over
@@ -1152,39 +1140,31 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one lane per slot column and run of 8 rows");
 static_assert(SC * 2 == 32, "nha_fwd_state_mma: a row of SC gates is two 16-byte pieces");
 
-// Dynamic shared memory, SST stages of: X [BT, DX+8] (shifted k_slot or v rows), G [BT, SC] and
+// One block's share of a chunk's state update (nha_fwd_state_mma, nha_fwd_state_local_mma): SC slot
+// columns m0 .. m0+SC of Hk (is_k) or of Hv, head h. The warp's accumulator tiles: Hk part, row
+// tiles kd = 16 (warp + 4 i) and both 8-column halves of the SC slots; Hv part, the SC slot rows
+// and value columns 16 (warp + 4 i) + 8 jn. Element e of (i, jn) is the state's (row, col) in
+// offset(), and e, e + 1 are adjacent in memory.
+// A chunk's stage in shared memory: X [BT, DX+8] (shifted k_slot or v rows), G [BT, SC] and
 // S [BT, SC] (gates and write weights of the block's slot columns, as stored: IN_T).
-extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
-    const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
-    const IN_T* __restrict__ s, const float* __restrict__ hk0, const float* __restrict__ hv0,
-    const i64* __restrict__ bos_arr, const int* __restrict__ seq_chunk0,
-    IN_T* __restrict__ hk_chunks, IN_T* __restrict__ hv_chunks,
-    float* __restrict__ hk_out, float* __restrict__ hv_out, int H, int W) {
-    extern __shared__ uint4 smem_state[];
-    constexpr int XS = BT * (DX + 8), GS = BT * SC, STAGE = XS + 2 * GS;
-    IN_T* ring = reinterpret_cast<IN_T*>(smem_state);
-    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];  // Wc [BT, SC]
-    __shared__ float s_a[SC];                         // 2^Gc_last
-    const bool is_k = blockIdx.x < MD / SC;
-    const int m0 = (is_k ? blockIdx.x : blockIdx.x - MD / SC) * SC;
-    const int n = blockIdx.y / H, h = blockIdx.y % H;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, q4 = lane & 3;
-    const int D = is_k ? KD : VD;
-    const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
-    const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
-    const int gm = 4 * warp + (lane & 3), run = lane >> 2;  // gate column, run of rows 8 run .. 8 run + 7
+constexpr int NI = (DX / 16 + 3) / 4;
+constexpr int XS = BT * (DX + 8), GS = BT * SC, STAGE = XS + 2 * GS;
+struct StatePart {
+    bool is_k;
+    int m0, h, H, W, D, tid, lane, warp, gq, q4, gm, run;  // gm, run: gate column, run of rows 8 run ..
+    i64 state_size;
 
-    // The warp's accumulator tiles: Hk part, row tiles kd = 16 (warp + 4 i) and both 8-column
-    // halves of the SC slots; Hv part, the SC slot rows and value columns 16 (warp + 4 i) + 8 jn.
-    // Element e of (i, jn) is the state's (row, col) below, and e, e + 1 are adjacent in memory.
-    constexpr int NI = (DX / 16 + 3) / 4;
-    float acc[NI][2][4];
-    auto tile_ok = [&](int i) { return warp + 4 * i < D / 16; };
-    auto offset = [&](int i, int jn, int e) -> i64 {  // of the state element in one [K, M] / [M, V] state
+    __device__ __forceinline__ StatePart(int part, int h_, int H_, int W_)
+        : is_k(part < MD / SC), m0((part < MD / SC ? part : part - MD / SC) * SC), h(h_), H(H_), W(W_),
+          D(part < MD / SC ? KD : VD), tid(threadIdx.x), lane(threadIdx.x & 31), warp(threadIdx.x >> 5),
+          gq((threadIdx.x & 31) >> 2), q4(threadIdx.x & 3), gm(4 * (threadIdx.x >> 5) + (threadIdx.x & 3)),
+          run((threadIdx.x & 31) >> 2), state_size(part < MD / SC ? (i64)KD * MD : (i64)MD * VD) {}
+    __device__ __forceinline__ bool tile_ok(int i) const { return warp + 4 * i < D / 16; }
+    __device__ __forceinline__ i64 offset(int i, int jn, int e) const {  // in one [K, M] / [M, V] state
         if (is_k) return (i64)(16 * (warp + 4 * i) + gq + 8 * (e >> 1)) * MD + m0 + 8 * jn + 2 * q4 + (e & 1);
         return (i64)(m0 + gq + 8 * (e >> 1)) * VD + 16 * (warp + 4 * i) + 8 * jn + 2 * q4 + (e & 1);
-    };
-    auto for_pairs = [&](auto&& f) {  // f(i, jn, e) for e = 0, 2 of every tile of the warp
+    }
+    template <typename F> __device__ __forceinline__ void for_pairs(F&& f) const {  // f(i, jn, e), e = 0, 2
 #pragma unroll
         for (int i = 0; i < NI; ++i)
             if (tile_ok(i))
@@ -1193,45 +1173,23 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
                     f(i, jn, 0);
                     f(i, jn, 2);
                 }
-    };
-    const float* h0 = is_k ? hk0 : hv0;
-    const i64 state_size = is_k ? (i64)KD * MD : (i64)MD * VD;
-    for_pairs([&](int i, int jn, int e) {
-        float2 x = make_float2(0.f, 0.f);
-        if (h0 != nullptr) x = *reinterpret_cast<const float2*>(h0 + ((i64)n * H + h) * state_size + offset(i, jn, e));
-        acc[i][jn][e] = x.x;
-        acc[i][jn][e + 1] = x.y;
-    });
-
-    // Chunk c's shifted rows, gates and write weights into ring stage (c - c0) % SST; zero-filled
-    // rows (identity tokens, past the end) have gate 0 and weight 0. Always one commit group.
-    auto stage_chunk = [&](int c) {
-        if (c < c1) {
-            IN_T* st = ring + ((c - c0) % SST) * STAGE;
-            const i64 t0 = bos + (i64)(c - c0) * BT;
-            auto row_of = [&](int r) -> i64 { return (t0 + r < eos && t0 + r - W >= bos) ? t0 + r - W : -1; };
-            if (is_k) stage<KD>(st, k_slot + (i64)h * KD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
-            else stage<VD>(st, v + (i64)h * VD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
-            const int r = tid >> 1, half = (tid & 1) * 8;  // BT rows x 2 pieces = MT threads
-            const i64 j = row_of(r);
-            const i64 o = (j * H + h) * MD + m0 + half;
-            cp16(st + XS + r * SC + half, j >= 0 ? g + o : g, j >= 0);
-            if (s != nullptr) cp16(st + XS + GS + r * SC + half, j >= 0 ? s + o : s, j >= 0);
-        }
-        cp_commit();
-    };
-#pragma unroll
-    for (int k = 0; k < SST - 1; ++k) stage_chunk(c0 + k);
-    for (int c = c0; c < c1; ++c) {
-        IN_T* dst = (is_k ? hk_chunks : hv_chunks) + ((i64)c * H + h) * state_size;
-        for_pairs([&](int i, int jn, int e) {
-            *reinterpret_cast<u32*>(dst + offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
-        });
-        cp_wait<SST - 2>();  // chunk c's group is complete
-        __syncthreads();     // ... for every thread; and the previous step is done with sW and its stage
-        stage_chunk(c + SST - 1);
-        const IN_T* st = ring + ((c - c0) % SST) * STAGE;
-        // gates after each row inside the run, then the runs after this one (lanes 4 apart)
+    }
+    // The chunk of rows t0 .. t0+BT of sequence [bos, eos) into stage st (cp.async, not committed);
+    // zero-filled rows (identity tokens, past the end) have gate 0 and weight 0.
+    __device__ __forceinline__ void stage_chunk(IN_T* st, i64 t0, i64 bos, i64 eos, const IN_T* k_slot,
+                                                const IN_T* v, const IN_T* g, const IN_T* s) const {
+        auto row_of = [&](int r) -> i64 { return (t0 + r < eos && t0 + r - W >= bos) ? t0 + r - W : -1; };
+        if (is_k) stage<KD>(st, k_slot + (i64)h * KD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
+        else stage<VD>(st, v + (i64)h * VD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
+        const int r = tid >> 1, half = (tid & 1) * 8;  // BT rows x 2 pieces = MT threads
+        const i64 j = row_of(r);
+        const i64 o = (j * H + h) * MD + m0 + half;
+        cp16(st + XS + r * SC + half, j >= 0 ? g + o : g, j >= 0);
+        if (s != nullptr) cp16(st + XS + GS + r * SC + half, j >= 0 ? s + o : s, j >= 0);
+    }
+    // Wc = S 2^(Gc_last - Gc) into sW [BT, SC+8], 2^Gc_last into s_a [SC]: gates after each row inside
+    // the run, then the runs after this one (lanes 4 apart).
+    __device__ __forceinline__ void weights(const IN_T* st, const IN_T* s, IN_T* sW, float* s_a) const {
         float ex[8], tot = 0.f;
 #pragma unroll
         for (int r = 7; r >= 0; --r) {
@@ -1252,14 +1210,9 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
             sW[(8 * run + r) * (SC + 8) + gm] = __float2bfloat16_rn(w * exp2_g(ex[r] + later));
         }
         if (run == 0) s_a[gm] = exp2f(incl);
-        __syncthreads();
-        for_pairs([&](int i, int jn, int e) {
-            const float a0 = is_k ? s_a[8 * jn + 2 * q4] : s_a[gq + 8 * (e >> 1)];
-            const float a1 = is_k ? s_a[8 * jn + 2 * q4 + 1] : a0;
-            acc[i][jn][e] *= a0;
-            acc[i][jn][e + 1] *= a1;
-        });
-        const IN_T* x = st;
+    }
+    // acc += Ks^T Wc (Hk part) or Wc^T Vs (Hv part), the rows X of stage st.
+    __device__ __forceinline__ void product(float (&acc)[NI][2][4], const IN_T* x, const IN_T* sW) const {
 #pragma unroll
         for (int kt = 0; kt < BT / 16; ++kt) {
             u32 a[4], b[4];
@@ -1284,13 +1237,146 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
             }
         }
     }
+};
+
+// Dynamic shared memory: SST stages (StatePart).
+extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
+    const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
+    const IN_T* __restrict__ s, const float* __restrict__ hk0, const float* __restrict__ hv0,
+    const i64* __restrict__ bos_arr, const int* __restrict__ seq_chunk0,
+    IN_T* __restrict__ hk_chunks, IN_T* __restrict__ hv_chunks,
+    float* __restrict__ hk_out, float* __restrict__ hv_out, int H, int W) {
+    extern __shared__ uint4 smem_state[];
+    IN_T* ring = reinterpret_cast<IN_T*>(smem_state);
+    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];  // Wc [BT, SC]
+    __shared__ float s_a[SC];                         // 2^Gc_last
+    const StatePart P(blockIdx.x, blockIdx.y % H, H, W);
+    const int n = blockIdx.y / H;
+    const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
+    const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
+
+    float acc[NI][2][4];
+    const float* h0 = P.is_k ? hk0 : hv0;
+    P.for_pairs([&](int i, int jn, int e) {
+        float2 x = make_float2(0.f, 0.f);
+        if (h0 != nullptr) x = *reinterpret_cast<const float2*>(h0 + ((i64)n * H + P.h) * P.state_size + P.offset(i, jn, e));
+        acc[i][jn][e] = x.x;
+        acc[i][jn][e + 1] = x.y;
+    });
+    // chunk c into ring stage (c - c0) % SST; always one commit group
+    auto stage_chunk = [&](int c) {
+        if (c < c1) P.stage_chunk(ring + ((c - c0) % SST) * STAGE, bos + (i64)(c - c0) * BT, bos, eos, k_slot, v, g, s);
+        cp_commit();
+    };
+#pragma unroll
+    for (int k = 0; k < SST - 1; ++k) stage_chunk(c0 + k);
+    for (int c = c0; c < c1; ++c) {
+        IN_T* dst = (P.is_k ? hk_chunks : hv_chunks) + ((i64)c * H + P.h) * P.state_size;
+        P.for_pairs([&](int i, int jn, int e) {
+            *reinterpret_cast<u32*>(dst + P.offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
+        });
+        cp_wait<SST - 2>();  // chunk c's group is complete
+        __syncthreads();     // ... for every thread; and the previous step is done with sW and its stage
+        stage_chunk(c + SST - 1);
+        const IN_T* st = ring + ((c - c0) % SST) * STAGE;
+        P.weights(st, s, sW, s_a);
+        __syncthreads();
+        P.for_pairs([&](int i, int jn, int e) {
+            const float a0 = P.is_k ? s_a[8 * jn + 2 * P.q4] : s_a[P.gq + 8 * (e >> 1)];
+            const float a1 = P.is_k ? s_a[8 * jn + 2 * P.q4 + 1] : a0;
+            acc[i][jn][e] *= a0;
+            acc[i][jn][e + 1] *= a1;
+        });
+        P.product(acc, st, sW);
+    }
     cp_wait<0>();  // the empty groups of the last steps
-    float* out = is_k ? hk_out : hv_out;
+    float* out = P.is_k ? hk_out : hv_out;
     if (out != nullptr)
-        for_pairs([&](int i, int jn, int e) {
-            *reinterpret_cast<float2*>(out + ((i64)n * H + h) * state_size + offset(i, jn, e)) =
+        P.for_pairs([&](int i, int jn, int e) {
+            *reinterpret_cast<float2*>(out + ((i64)n * H + P.h) * P.state_size + P.offset(i, jn, e)) =
                 make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
         });
+}
+
+// Chunk states in two passes (configs.MMA_STATE_PASS "scan"; the Triton backend's "scan" for long
+// sequences): nha_fwd_state_local_mma computes every chunk's own update at once, nha_fwd_state_scan
+// chains them per state element. The walk above has one block per (sequence, head, slot tile) on a
+// chain of all the sequence's chunks: few blocks and long chains when B is small and T large.
+//
+// Step 1, grid (NC * H, 2 * MD / SC), MT threads, dynamic shared memory one stage (StatePart):
+// chunk c's own update L_c (Ks^T Wc or Wc^T Vs, rounded to IN_T as the Triton scan stores it for
+// bf16) into row c of hk_chunks / hv_chunks, and a_c [NC, H, M] = 2^Gc_last (Hk blocks write it).
+extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_local_mma(
+    const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
+    const IN_T* __restrict__ s, const i64* __restrict__ bos_arr, const int* __restrict__ chunk_n,
+    const i64* __restrict__ chunk_t0, IN_T* __restrict__ hk_chunks, IN_T* __restrict__ hv_chunks,
+    float* __restrict__ a_c, int H, int W) {
+    extern __shared__ uint4 smem_state[];
+    IN_T* st = reinterpret_cast<IN_T*>(smem_state);
+    __shared__ __align__(16) IN_T sW[BT * (SC + 8)];
+    __shared__ float s_a[SC];
+    const int c = blockIdx.x / H;
+    const StatePart P(blockIdx.y, blockIdx.x % H, H, W);
+    const int n = chunk_n[c];
+    P.stage_chunk(st, chunk_t0[c], bos_arr[n], bos_arr[n + 1], k_slot, v, g, s);
+    cp_commit();
+    cp_wait<0>();
+    __syncthreads();
+    P.weights(st, s, sW, s_a);
+    __syncthreads();
+    float acc[NI][2][4];
+    P.for_pairs([&](int i, int jn, int e) { acc[i][jn][e] = acc[i][jn][e + 1] = 0.f; });
+    P.product(acc, st, sW);
+    IN_T* dst = (P.is_k ? hk_chunks : hv_chunks) + ((i64)c * H + P.h) * P.state_size;
+    P.for_pairs([&](int i, int jn, int e) {
+        *reinterpret_cast<u32*>(dst + P.offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
+    });
+    if (P.is_k && P.run == 0) a_c[((i64)c * H + P.h) * MD + P.m0 + P.gm] = s_a[P.gm];
+}
+
+// Step 2, grid (ceil((K M + M V) / NT), N * H), NT threads, one state element per thread, in place:
+// from h = h0 (or 0), for each chunk c of the sequence, row c := h (the state before chunk c) and
+// h := a_c h + L_c (what row c held); the last h (fp32) to hk_out / hv_out. UNROLL chunks' rows and
+// decays are loaded before their steps: the loads do not wait on the chain.
+#define SCAN_UNROLL 8
+extern "C" __global__ void __launch_bounds__(NT) nha_fwd_state_scan(
+    const float* __restrict__ hk0, const float* __restrict__ hv0, const int* __restrict__ seq_chunk0,
+    IN_T* __restrict__ hk_chunks, IN_T* __restrict__ hv_chunks, const float* __restrict__ a_c,
+    float* __restrict__ hk_out, float* __restrict__ hv_out, int H) {
+    const int n = blockIdx.y / H, h = blockIdx.y % H;
+    const i64 EK = (i64)KD * MD, E = EK + (i64)MD * VD;
+    const i64 e = (i64)blockIdx.x * NT + threadIdx.x;
+    if (e >= E) return;  // no barriers below
+    const bool is_k = e < EK;
+    const int m = is_k ? (int)(e % MD) : (int)((e - EK) / VD);  // the slot whose decay the element takes
+    const i64 idx = is_k ? e : e - EK, size = is_k ? EK : E - EK;
+    IN_T* buf = is_k ? hk_chunks : hv_chunks;
+    const float* h0 = is_k ? hk0 : hv0;
+    float x = h0 != nullptr ? h0[((i64)n * H + h) * size + idx] : 0.f;
+    const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
+    int c = c0;
+    for (; c + SCAN_UNROLL <= c1; c += SCAN_UNROLL) {
+        float l[SCAN_UNROLL], a[SCAN_UNROLL];
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; ++u) {
+            const i64 row = (i64)(c + u) * H + h;
+            l[u] = ld(buf, row * size + idx);
+            a[u] = a_c[row * MD + m];
+        }
+#pragma unroll
+        for (int u = 0; u < SCAN_UNROLL; ++u) {
+            st(buf, ((i64)(c + u) * H + h) * size + idx, x);
+            x = a[u] * x + l[u];
+        }
+    }
+    for (; c < c1; ++c) {
+        const i64 row = (i64)c * H + h;
+        const float l = ld(buf, row * size + idx);
+        st(buf, row * size + idx, x);
+        x = a_c[row * MD + m] * x + l;
+    }
+    float* out = is_k ? hk_out : hv_out;
+    if (out != nullptr) out[((i64)n * H + h) * size + idx] = x;
 }
 #endif  // NHA_MMA
 #endif  // NHA_NO_TC
