@@ -1,4 +1,7 @@
-// NHA forward on CUDA cores: chunk states, then one block per (chunk, query head).
+// NHA forward: chunk states, then one block per (chunk, query head). Three kernel sets, picked by
+// forward.py: CUDA cores (this part; fp32, and any shape), WMMA tensor cores (fp16 / bf16, K, V, M
+// multiples of 16: "Tensor-core forward" below) and register tiles on mma.sync (bf16 up to 128:
+// "Register-tile forward" at the end, with nha_fwd_redo from this part for the chunks it leaves).
 //
 // Shift trick (notes MATH.md section 1): the slot state read by the query at position t has
 // absorbed the "shifted" tokens t' <= t, where shifted token t' is the real token j = t' - W
