@@ -316,7 +316,8 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_redo(FWD_MAIN_PARAMS(IN
 
 // ================================================================================================
 // Tensor-core forward (fp16 / bf16 inputs; K, V, M multiples of 16). forward.py picks these two
-// kernels when the shape allows and the ones above otherwise (fp32 keeps exact CUDA-core math).
+// kernels when the shape allows and the ones above otherwise (fp32 keeps exact CUDA-core math); bf16
+// takes the register-tile kernels at the end where configs.use_mma allows.
 //
 //   nha_fwd_state_tc  grid (2 * ceil(M / BMC), N*H): one block per (sequence, head, Hk or Hv,
 //                     BMC slot columns); walks the chunks in order and advances its state tile a
