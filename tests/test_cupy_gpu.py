@@ -87,7 +87,8 @@ CASES = {
                                                  "slots": True}),
     # register-tile forward (bfloat16, nha_fwd_main_mma): chunks whose decays factor run there, the
     # ones with early -inf resets go to nha_fwd_redo in the same call; varlen with 1-token sequences
-    # and W >= T; M = 48 (three 16-column gate runs per thread pair)
+    # and W >= T; M = 48 (not a divisor of the 128 threads: two gate threads per slot column in
+    # nha_fwd_main_mma, 32 threads idle there; three 16-slot tiles in the state walk)
     "B2-T200-HQ4-H2-K64-V64-M64-W70-mma-mixed": (2, 200, 4, 2, 64, 64, 64, 70,
                                                  {"weak": True, "reset_early": True, "slots": True, "init": True}),
     "B1-T150-HQ2-H2-K128-V128-M64-W600-mma-varlen": (1, 150, 2, 2, 128, 128, 64, 600,
