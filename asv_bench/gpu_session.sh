@@ -12,8 +12,8 @@
 #   NHA_TEST_BACKENDS=cupy NHA_TEST_EXAMPLES=6 bash asv_bench/gpu_session.sh properties  # one backend per call:
 #     every example compiles new kernels, and both backends at 10 examples did not finish in 300 s
 #   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS "bf16": the walk's GPU tests, then timed at gpu-a
-#   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests, then timed
-#   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS "scan": the forward GPU tests, then timed
+#   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests with it off, both timed
+#   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS: the forward GPU tests under "scan", walk / scan / auto timed
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
@@ -101,23 +101,23 @@ for step in "$@"; do
         --out "$OUT" --no-check --variant default: --variant pairs:STATE_WALK_PAIRS=\'bf16\' --variant default-again: \
         > "$OUT/walk_pairs.log" 2>&1; grep -A4 "^variant" "$OUT/walk_pairs.log" ;;
     cupy-gates)   # the CuPy register-tile kernels' gate math off expm1f / exp2f (backends/cupy/configs.py
-      # MMA_FAST_GATES): the CuPy forward GPU tests under it, then forward timed at gpu-a and gpu-c
-      NHA_TEST_CUPY_CONFIG="MMA_FAST_GATES=True" timeout 200 python3 -m pytest -m gpu tests/test_cupy_gpu.py \
+      # MMA_FAST_GATES, the default) or on them: the CuPy forward GPU tests on them, then both timed at gpu-a and gpu-c
+      NHA_TEST_CUPY_CONFIG="MMA_FAST_GATES=False" timeout 200 python3 -m pytest -m gpu tests/test_cupy_gpu.py \
         -k forward -q --tb=short -n 8 -p no:cacheprovider > "$OUT/cupy_gates_tests.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/cupy_gates_tests.log" | tail -10
       for sh in gpu-a gpu-c; do
         timeout 120 python3 asv_bench/tune_gpu.py --backend cupy --shape $sh --modes forward --out /tmp/cupy_gates_$sh \
-          --variant default: --variant gates:MMA_FAST_GATES=True --variant default-again: > "$OUT/cupy_gates_$sh.log" 2>&1
+          --variant default: --variant exact:MMA_FAST_GATES=False --variant default-again: > "$OUT/cupy_gates_$sh.log" 2>&1
         grep -A4 "^variant" "$OUT/cupy_gates_$sh.log"
       done ;;
     cupy-state-scan)   # the CuPy register-tile path's chunk states in two passes (backends/cupy/configs.py
-      # MMA_STATE_PASS "scan"): the CuPy forward GPU tests under it, then walk and scan timed at gpu-a, gpu-b, gpu-c
+      # MMA_STATE_PASS "scan"): the CuPy forward GPU tests under it, then walk, scan and "auto" timed at gpu-a, gpu-b, gpu-c
       NHA_TEST_CUPY_CONFIG="MMA_STATE_PASS='scan'" timeout 200 python3 -m pytest -m gpu tests/test_cupy_gpu.py \
         -k forward -q --tb=short -n 8 -p no:cacheprovider > "$OUT/cupy_scan_tests.log" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/cupy_scan_tests.log" | tail -10
       for sh in gpu-a gpu-b gpu-c; do
         timeout 120 python3 asv_bench/tune_gpu.py --backend cupy --shape $sh --modes forward --out /tmp/cupy_scan_$sh \
-          --variant walk: --variant scan:MMA_STATE_PASS=\'scan\' --variant walk-again: > "$OUT/cupy_scan_$sh.log" 2>&1
+          --variant walk:MMA_STATE_PASS=\'walk\' --variant scan:MMA_STATE_PASS=\'scan\' --variant auto: > "$OUT/cupy_scan_$sh.log" 2>&1
         grep -A4 "^variant" "$OUT/cupy_scan_$sh.log"
       done ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)

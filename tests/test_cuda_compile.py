@@ -4,7 +4,7 @@ The kernels are built by NVRTC at run time; this catches syntax and type errors 
 without a GPU. Each file is compiled several ways: to a cubin with its defaults (float, RMAX = 32: the
 largest register arrays, so ptxas runs too), to PTX only as bfloat16 variants with other tiles (the
 __nv_bfloat16 load/store overloads; skipping ptxas keeps it fast), and to a cubin as the bfloat16 build
-with forward.cu's register-tile kernels (NHA_MMA; their FAST_GATES option to PTX). All nvcc processes run at
+with forward.cu's register-tile kernels (NHA_MMA; with FAST_GATES off to PTX). All nvcc processes run at
 once: about 20 s on 2 cores.
 """
 import os
@@ -22,7 +22,7 @@ VARIANTS = {
     "bf16-cache-STG3-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DCACHE_T=__nv_bfloat16", "-DSTG=3"],  # decode's cp.async ring
     # forward.cu's register-tile kernel (mma.sync, ldmatrix, cp.async) at the gpu-a tile, through ptxas
     "bf16-mma-RMAX8": ["-c", "-DIN_T=__nv_bfloat16", "-DNHA_MMA", "-DRMAX=8", "-DKD=64", "-DVD=64", "-DMD=64"],
-    "bf16-mma-gates-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DNHA_MMA", "-DFAST_GATES=1"],  # configs.MMA_FAST_GATES
+    "bf16-mma-exact-gates-ptx": ["-ptx", "-DIN_T=__nv_bfloat16", "-DNHA_MMA", "-DFAST_GATES=0"],  # MMA_FAST_GATES off
 }
 
 

@@ -375,6 +375,7 @@ def test_forward_state_scan(name, monkeypatch):
     from nha_core.backends.cupy import configs
 
     p, x = make(CASES[name], "bfloat16")
+    monkeypatch.setattr(configs, "MMA_STATE_PASS", "walk")
     o1, lse1, hk1, hv1 = BACKEND.forward(p, *dev_args(p, x))
     monkeypatch.setattr(configs, "MMA_STATE_PASS", "scan")
     o2, lse2, hk2, hv2 = BACKEND.forward(p, *dev_args(p, x))

@@ -32,7 +32,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     q_slot = c(q_slot) if has_q_slot else q
     k_slot = c(k_slot) if has_k_slot else k
     table = chunk_table(p, cu_seqlens, BT)
-    bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
+    bos, seq_chunk0, chunk_n, chunk_t0, NC, N, _ = table
     B, T, HQ, H, K, V, M, W = p.B, p.T, p.HQ, p.H, p.K, p.V, p.M, p.W
     R = B * T
     dt = configs.ARRAY_DTYPE[p.dtype]

@@ -72,19 +72,17 @@ MMA_THREADS = 128
 MMA_STATE_COLUMNS = 16  # forward.cu SC
 MMA_STATE_STAGES = 3    # forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead)
 # How the register-tile path computes the chunk states: "walk" (nha_fwd_state_mma: one block per
-# (sequence, head, slot tile) walks the chunks in order; measured, the default) or "scan"
-# (nha_fwd_state_local_mma: every chunk's own update at once, then nha_fwd_state_scan chains them per
-# state element; for few long sequences, where the walk has few blocks on long chains: 128 blocks on
-# chains of 256 chunks at gpu-c). "scan" was written in the tenth session without device time left:
-# `bash asv_bench/gpu_session.sh cupy-state-scan` runs the CuPy forward GPU tests under it, then
-# times both at gpu-a, gpu-b and gpu-c.
-MMA_STATE_PASS = "walk"
+# (sequence, head, Hk or Hv, slot tile) walks the chunks in order), "scan" (nha_fwd_state_local_mma:
+# every chunk's own update at once, then nha_fwd_state_scan chains them per state element) or
+# "auto" (state_pass below picks one per call).
+MMA_STATE_PASS = "auto"
 MMA_FAST_EXP = True     # forward.cu FAST_EXP: softmax weights by ex2.approx (Triton's tl.exp2), else exp2f
 # forward.cu FAST_GATES: the gate math of the register-tile kernels off expm1f / exp2f (s derived as the
-# Triton backend does, decay factors that are rounded to bf16 by ex2.approx). Off until its GPU tests
-# have run: written in the tenth session when the device time had run out; `bash
-# asv_bench/gpu_session.sh cupy-gates` runs them, then times it (PERF_NOTES.md says why it may help).
-MMA_FAST_GATES = False
+# Triton backend does, decay factors that are rounded to bf16 by ex2.approx). H200 (2026-12-04,
+# `gpu_session.sh cupy-gates`, the CuPy forward GPU tests passing under it): gpu-a forward 1.369 ->
+# 1.294 ms (walk 0.400 -> 0.374, main 0.965 -> 0.914), gpu-c 1.384 -> 1.326; outputs within 2e-5
+# of the exact gate math's.
+MMA_FAST_GATES = True
 MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (255 registers; 163 at 64)
 
 
@@ -95,6 +93,24 @@ def use_mma(p) -> bool:
             and all(d % 16 == 0 and d <= MMA_MAX_DIM for d in (p.K, p.V, p.M))
             and max(mma_smem_bytes(p.K, p.V, p.M), state_mma_smem_bytes(p.K, p.V)) <= SMEM_LIMIT
             and 4 * smem_floats("fwd_main", MMA_BT, p.K, p.V, p.M) <= SMEM_LIMIT)
+
+
+def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int, sms: int) -> str:
+    """MMA_STATE_PASS, or under "auto" the faster pass by a cost model fitted on an H200 (132 SMs;
+    2026-12-04, bf16, M = 64, exact gate math, per-kernel times of `gpu_session.sh cupy-state-scan`):
+
+    * walk: a chain of ``longest`` dependent chunk steps of ~1.35 + 0.0083 max(K, V) us (gpu-b:
+      512 steps in 0.96 ms, gpu-c at K = V = 128: 256 in 0.62) while its 2 N H M / 16 blocks fit
+      ~2.3 per SM, longer past that (gpu-a: 1024 blocks, 64 steps, 0.40 ms);
+    * scan: bandwidth-bound, ~0.51 ms per 2^26 state elements over all chunks (gpu-a, gpu-b, gpu-c
+      each hold 2^26: 0.54, 0.56, 0.45 ms for both kernels), plus ~5 us for its second launch.
+    """
+    if MMA_STATE_PASS != "auto":
+        return MMA_STATE_PASS
+    blocks = 2 * N * H * -(-M // MMA_STATE_COLUMNS)
+    walk_ms = longest * 1e-3 * (1.35 + 0.0083 * max(K, V)) * max(1.0, blocks / (2.33 * sms))
+    scan_ms = 0.005 + 0.51 * chunks * H * (K + V) * M / 2**26
+    return "walk" if walk_ms <= scan_ms else "scan"
 
 
 def state_mma_smem_bytes(K: int, V: int, stages: int | None = None) -> int:

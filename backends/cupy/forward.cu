@@ -742,7 +742,7 @@ extern "C" __global__ void __launch_bounds__(NT) nha_fwd_main_tc(
 #define FAST_EXP 1
 #endif
 #ifndef FAST_GATES
-#define FAST_GATES 0
+#define FAST_GATES 1
 #endif
 #define MT 128               // threads of nha_fwd_main_mma
 #define QW 16                // query rows per warp
@@ -1302,8 +1302,8 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
         });
 }
 
-// Chunk states in two passes (configs.MMA_STATE_PASS "scan"; the Triton backend's "scan" for long
-// sequences): nha_fwd_state_local_mma computes every chunk's own update at once, nha_fwd_state_scan
+// Chunk states in two passes (configs.state_pass "scan", picked for few long sequences, as the Triton
+// backend's "scan"): nha_fwd_state_local_mma computes every chunk's own update at once, nha_fwd_state_scan
 // chains them per state element. The walk above has one block per (sequence, head, slot tile) on a
 // chain of all the sequence's chunks: few blocks and long chains when B is small and T large.
 //

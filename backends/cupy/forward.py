@@ -61,7 +61,7 @@ def _table(bos, BT: int):
     chunk_t0 = (bos[chunk_n] + (np.arange(len(chunk_n)) - seq_chunk0[chunk_n]) * BT).astype(np.int64)
     NC = int(seq_chunk0[-1])
     return (cupy.asarray(bos), cupy.asarray(seq_chunk0), cupy.asarray(chunk_n),
-            cupy.asarray(chunk_t0), NC, len(lengths))
+            cupy.asarray(chunk_t0), NC, len(lengths), int(counts.max(initial=0)))
 
 
 def chunk_states(p, mod, table, BT, k_slot, v, g, s, hk0, hv0, want_final):
@@ -69,7 +69,7 @@ def chunk_states(p, mod, table, BT, k_slot, v, g, s, hk0, hv0, want_final):
     plus the final state [N,H,K,M] / [N,H,M,V] when ``want_final``."""
     import cupy
 
-    bos, seq_chunk0, _, _, NC, N = table
+    bos, seq_chunk0, _, _, NC, N, _ = table
     H, K, V, M = p.H, p.K, p.V, p.M
     hk_chunks = cupy.empty((NC, H, K, M), dtype=cupy.float32)
     hv_chunks = cupy.empty((NC, H, M, V), dtype=cupy.float32)
@@ -109,7 +109,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     q_slot = q if q_slot is None else c(q_slot)
     k_slot = k if k_slot is None else c(k_slot)
     table = chunk_table(p, cu_seqlens, BT)
-    bos, _, chunk_n, chunk_t0, NC, N = table
+    bos, _, chunk_n, chunk_t0, NC, N, _ = table
 
     o = cupy.empty((p.B, p.T, p.HQ, p.V), dtype=configs.ARRAY_DTYPE[p.dtype])
     lse = cupy.empty((p.B, p.HQ, p.T), dtype=cupy.float32)
@@ -142,7 +142,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                      FAST_EXP=int(configs.MMA_FAST_EXP), FAST_GATES=int(configs.MMA_FAST_GATES))
     mod = kernels("forward.cu", configs.CUDA_TYPE[p.dtype], configs.CUDA_TYPE[p.dtype], **tiles)
     table = chunk_table(p, cu_seqlens, BT)
-    bos, seq_chunk0, chunk_n, chunk_t0, NC, N = table
+    bos, seq_chunk0, chunk_n, chunk_t0, NC, N, longest = table
     H, K, V, M = p.H, p.K, p.V, p.M
     i32 = np.int32
 
@@ -157,7 +157,7 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     h0 = (c(hk0) if hk0 is not None else NULL, c(hv0) if hv0 is not None else NULL)
     h_t = (hk, hv) if hk is not None else (NULL, NULL)
     state_args = (k_slot, v, g, s, *h0, bos, seq_chunk0, hk_chunks, hv_chunks, *h_t)
-    if mma and configs.MMA_STATE_PASS == "scan":
+    if mma and configs.state_pass(N, H, K, V, M, longest, NC, sm_count(q.device.id)) == "scan":
         a_c = cupy.empty((NC, H, M), dtype=cupy.float32)
         launch(mod, "nha_fwd_state_local_mma", (NC * H, 2 * M // configs.MMA_STATE_COLUMNS), (
             k_slot, v, g, s, bos, chunk_n, chunk_t0, hk_chunks, hv_chunks, a_c, i32(H), i32(p.W)),
