@@ -15,6 +15,7 @@
 #   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests with it off, both timed
 #   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS: the forward GPU tests under "scan", walk / scan / auto timed
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
+#   bash asv_bench/gpu_session.sh ncu-fwd   # Nsight Compute on the forward kernels at gpu-a (details, CuPy's per-SASS stalls)
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
 #   bash asv_bench/gpu_session.sh asv       # asv bench_gpu.Summary -> $OUT/asv_results.tar (needs .whl/repo.bundle)
 set -uo pipefail
@@ -124,6 +125,18 @@ for step in "$@"; do
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"
         timeout 60 python3 asv_bench/tune_gpu.py --backend triton --shape decode --modes decode --out "$OUT"; } \
         > "$OUT/profile_triton.log" 2>&1; grep -A3 "^variant" "$OUT/profile_triton.log" ;;
+    ncu-fwd)   # one launch of each forward kernel at gpu-a under Nsight Compute (--set full, clocks left alone):
+      # the details page of each, and the CuPy main kernel's SASS with its stall samples (source page, csv)
+      for spec in cupy:nha_fwd_main_mma cupy:nha_fwd_state_mma triton:nha_fwd_kernel; do
+        be=${spec%%:*}; kn=${spec#*:}
+        timeout 240 ncu --clock-control none --set full --kernel-name "$kn" --launch-skip 2 --launch-count 1 \
+          -f -o /tmp/ncu_$kn python3 asv_bench/one_call.py --backend $be --shape ${NHA_NCU_SHAPE:-gpu-a} --calls 3 \
+          > /tmp/ncu_$kn.log 2>&1 || tail -5 /tmp/ncu_$kn.log
+        ncu --import /tmp/ncu_$kn.ncu-rep --page details > "$OUT/ncu_$kn.txt" 2>&1
+      done
+      ncu --import /tmp/ncu_nha_fwd_main_mma.ncu-rep --page source --print-source sass --csv \
+        > "$OUT/ncu_nha_fwd_main_mma_sass.csv" 2>&1
+      grep -E "Duration|Achieved Occupancy|Registers Per|Issued Ipc Active|Block Limit" "$OUT"/ncu_*.txt ;;
     profile-cupy)
       { timeout 200 python3 asv_bench/tune_gpu.py --backend cupy --shape gpu-a --modes forward --out "$OUT"
         timeout 60 python3 asv_bench/tune_gpu.py --backend cupy --shape decode --modes decode --out "$OUT"; } \
