@@ -761,14 +761,17 @@ typedef unsigned u32;
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives it.
-__device__ __forceinline__ void ldsm4(u32 (&r)[4], const void* p) {
+// The address is a shared-window byte address: constant offsets added to it fold into the instruction.
+__device__ __forceinline__ void ldsm4(u32 (&r)[4], u32 a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
-__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], const void* p) {
+__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], u32 a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+__device__ __forceinline__ void ldsm4(u32 (&r)[4], const void* p) { ldsm4(r, smem_u32(p)); }
+__device__ __forceinline__ void ldsm4_t(u32 (&r)[4], const void* p) { ldsm4_t(r, smem_u32(p)); }
 // c (16x8, f32) += a (16x16, row) b (16x8, col), bfloat16 operands.
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -805,33 +808,32 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<u32*>(&x);
 }
-// 16 bytes global -> shared, asynchronously; ok = false writes zeros (src is not read).
-__device__ __forceinline__ void cp16(void* dst, const void* src, bool ok) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0)
-                 : "memory");
+// 16 bytes global -> shared (byte address dst), asynchronously; ok = false writes zeros (src is not read).
+__device__ __forceinline__ void cp16(u32 dst, const void* src, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(ok ? 16 : 0) : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
-// Addresses for ldmatrix. A operand, 16x16 at (r0, k0) of a row-major tile:
-__device__ __forceinline__ const IN_T* at_a(const IN_T* t, int ld, int r0, int k0, int lane) {
-    return t + (r0 + (lane & 15)) * ld + k0 + (lane >> 4) * 8;
-}
-// B operands of n-tiles n0 and n0 + 8 (k0 .. k0+15) from a tile stored [n][k] (ldsm4) ...
-__device__ __forceinline__ const IN_T* at_b_nk(const IN_T* t, int ld, int k0, int n0, int lane) {
-    return t + (n0 + (lane & 7) + (lane >> 4) * 8) * ld + k0 + ((lane >> 3) & 1) * 8;
-}
+// The lane's ldmatrix row, in elements from the fragment's origin in a tile of row stride ld.
+// A operand (16 x 16, row-major):
+__device__ __forceinline__ int lane_a(int ld, int lane) { return (lane & 15) * ld + (lane >> 4) * 8; }
+// B operands of two n-tiles (16 n x 16 k) from a tile stored [n][k] (ldsm4) ...
+__device__ __forceinline__ int lane_nk(int ld, int lane) { return ((lane & 7) + (lane >> 4) * 8) * ld + ((lane >> 3) & 1) * 8; }
 // ... or stored [k][n] (ldsm4_t).
+__device__ __forceinline__ int lane_kn(int ld, int lane) { return ((lane & 7) + ((lane >> 3) & 1) * 8) * ld + (lane >> 4) * 8; }
+// B operands of n-tiles n0 and n0 + 8 (k0 .. k0+15) of a tile stored [k][n].
 __device__ __forceinline__ const IN_T* at_b_kn(const IN_T* t, int ld, int k0, int n0, int lane) {
-    return t + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * ld + n0 + (lane >> 4) * 8;
+    return t + k0 * ld + n0 + lane_kn(ld, lane);
 }
 
-// acc[NA/8][4] (+)= A (16 x KA, registers) @ B, B from shared: stored [n][k] when NK, else [k][n].
-// Only k-tiles kt <= kt_max and n-tile pairs np <= np_max take part (16 rows / columns each): the
-// causal products stop at the warp's diagonal.
-template <int KA, int NA, bool NK>
-__device__ __forceinline__ void mm_rs(float (&acc)[NA / 8][4], const u32 (&a)[KA / 16][4], const IN_T* b, int ld,
-                                      int lane, int kt_max = KA / 16, int np_max = NA / 16) {
+// acc[NA/8][4] (+)= A (16 x KA, registers) @ B, B the shared tile at byte address b (row stride LD
+// elements), stored [n][k] when NK, else [k][n]. Only k-tiles kt <= kt_max and n-tile pairs
+// np <= np_max take part (16 rows / columns each): the causal products stop at the warp's diagonal.
+template <int KA, int NA, bool NK, int LD>
+__device__ __forceinline__ void mm_rs(float (&acc)[NA / 8][4], const u32 (&a)[KA / 16][4], u32 b, int lane,
+                                      int kt_max = KA / 16, int np_max = NA / 16) {
+    b += 2 * (NK ? lane_nk(LD, lane) : lane_kn(LD, lane));
 #pragma unroll
     for (int kt = 0; kt < KA / 16; ++kt) {
         if (kt > kt_max) break;
@@ -839,8 +841,8 @@ __device__ __forceinline__ void mm_rs(float (&acc)[NA / 8][4], const u32 (&a)[KA
         for (int np = 0; np < NA / 16; ++np) {
             if (np > np_max) break;
             u32 f[4];
-            if (NK) ldsm4(f, at_b_nk(b, ld, kt * 16, np * 16, lane));
-            else ldsm4_t(f, at_b_kn(b, ld, kt * 16, np * 16, lane));
+            if (NK) ldsm4(f, b + 2 * (np * 16 * LD + kt * 16));
+            else ldsm4_t(f, b + 2 * (kt * 16 * LD + np * 16));
             mma16816(acc[2 * np], a[kt], f[0], f[1]);
             mma16816(acc[2 * np + 1], a[kt], f[2], f[3]);
         }
@@ -878,24 +880,20 @@ __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
-// [BT, D] rows of a [rows, heads, D] tensor into a shared tile of row stride D + 8: row r comes from
-// src + rows_at(r) * D, or is zero where rows_at(r) < 0.
-template <int D, typename F>
-__device__ __forceinline__ void stage(IN_T* dst, const IN_T* src, F rows_at, int tid) {
-#pragma unroll 4
-    for (int i = tid; i < BT * (D / 8); i += MT) {
-        const int r = i / (D / 8), c = (i % (D / 8)) * 8;
-        const i64 row = rows_at(r);
-        cp16(dst + r * (D + 8) + c, row >= 0 ? src + row * D + c : src, row >= 0);
-    }
-}
-// A dense [R, C] matrix into a shared tile of row stride C + 8.
-template <int R, int C>
-__device__ __forceinline__ void stage_matrix(IN_T* dst, const IN_T* src, int tid) {
-#pragma unroll 4
-    for (int i = tid; i < R * (C / 8); i += MT) {
-        const int r = i / (C / 8), c = (i % (C / 8)) * 8;
-        cp16(dst + r * (C + 8) + c, src + r * C + c, true);
+// R rows of D elements into the shared tile at byte address dst (row stride D + 8), by cp.async in
+// 16-byte pieces: row r from src + off + r * stride (elements) where lo <= r < hi, zeros elsewhere.
+// A thread's pieces share their column when MT is a multiple of the pieces per row (D = 16, 32, 64,
+// 128), so their addresses are one multiply-add apart.
+template <int R, int D>
+__device__ __forceinline__ void stage_rows(u32 dst, const IN_T* src, i64 off, int stride, int lo, int hi, int tid) {
+    constexpr int P = D / 8;
+#pragma unroll
+    for (int u = 0; u < (R * P + MT - 1) / MT; ++u) {
+        const int r = MT % P == 0 ? tid / P + u * (MT / P) : (tid + u * MT) / P;
+        const int c = MT % P == 0 ? tid % P : (tid + u * MT) % P;
+        if (R * P % MT != 0 && r >= R) break;
+        const bool ok = r >= lo && r < hi;
+        cp16(dst + 2 * (r * (D + 8) + c * 8), ok ? src + (off + r * stride + c * 8) : src, ok);
     }
 }
 
@@ -904,6 +902,8 @@ __device__ __forceinline__ void stage_matrix(IN_T* dst, const IN_T* src, int tid
 // (bfloat16) and sGc [BT, LDG] (float),  or, once the slot terms are done, the window tiles
 // sK [2][BT, LDK] and sV [2][BT, LDV].
 // redo: [1 + NC * HQ] int, redo[0] = 0 before the launch (see nha_fwd_redo_tc).
+template <bool B> struct Flag { static constexpr bool value = B; };
+
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
     const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,
@@ -919,8 +919,9 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     IN_T* sHv = sHk + KD * LDM;
     IN_T* sSw = sHv + MD * LDV;
     float* sGc = reinterpret_cast<float*>(sSw + BT * LDM);
-    IN_T* sK = sKs;                  // window tiles: sK + b * BT * LDK, sV + b * BT * LDV
-    IN_T* sV = sK + 2 * BT * LDK;
+    const u32 uQ = smem_u32(sQ), uKs = smem_u32(sKs), uVs = smem_u32(sVs), uHk = smem_u32(sHk),
+              uHv = smem_u32(sHv), uSw = smem_u32(sSw);
+    const u32 uK = uKs, uV = uK + 2 * (2 * BT * LDK);  // window tiles: uK + b * 2 BT LDK, uV + b * 2 BT LDV
 
     const int i_c = blockIdx.x, i_hq = blockIdx.y, i_h = i_hq / (HQ / H);
     const int tid = threadIdx.x, lane = tid & 31, gq = lane >> 2, q4 = lane & 3, r0 = (tid >> 5) * QW;
@@ -928,45 +929,52 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     const int n = chunk_n[i_c];
     const i64 bos = bos_arr[n], eos = bos_arr[n + 1], t0 = chunk_t0[i_c];
     const int nt = (int)min((i64)BT, eos - t0);
+    // rows r >= s_lo of the chunk have a shifted row t0 + r - W inside the sequence
+    const int s_lo = (int)min((i64)BT, max((i64)0, bos + W - t0));
     const float qk2 = scale * LOG2E_F;
+    const u32 uQa = uQ + 2 * (r0 * LDK + lane_a(LDK, lane));  // the warp's A fragments of sQ
 
-    // 1. Slot operands: q_slot rows, shifted k_slot / v rows (zero for identity rows), states.
-    stage<KD>(sQ, q_slot + (i64)i_hq * KD, [&](int r) -> i64 { return r < nt ? (t0 + r) * HQ : -1; }, tid);
-    auto shifted = [&](int r) -> i64 { return (r < nt && t0 + r - W >= bos) ? (t0 + r - W) * H : -1; };
-    stage<KD>(sKs, k_slot + (i64)i_h * KD, shifted, tid);
-    stage<VD>(sVs, v + (i64)i_h * VD, shifted, tid);
-    stage_matrix<KD, MD>(sHk, hk_chunks + ((i64)i_c * H + i_h) * KD * MD, tid);
-    stage_matrix<MD, VD>(sHv, hv_chunks + ((i64)i_c * H + i_h) * MD * VD, tid);
+    // 1. Slot operands: the shifted rows' gates (and s) first, in their own group: g into the end of
+    // sGc's memory, s into sSw's (both overwritten once read); then q_slot rows, shifted k_slot / v
+    // rows (zero for identity rows) and the chunk's states.
+    IN_T* sG = reinterpret_cast<IN_T*>(reinterpret_cast<char*>(sGc) + 4 * BT * LDG - 2 * BT * LDM);
+    stage_rows<BT, MD>(smem_u32(sG), g, ((t0 - W) * H + i_h) * MD, H * MD, s_lo, nt, tid);
+    if (s != nullptr) stage_rows<BT, MD>(uSw, s, ((t0 - W) * H + i_h) * MD, H * MD, s_lo, nt, tid);
     cp_commit();
-    // Gc by columns: TPC threads per slot column, each a run of RPT rows (loaded at once into
-    // registers), then the runs' offsets through shared memory.
+    stage_rows<BT, KD>(uQ, q_slot, (t0 * HQ + i_hq) * KD, HQ * KD, 0, nt, tid);
+    stage_rows<BT, KD>(uKs, k_slot, ((t0 - W) * H + i_h) * KD, H * KD, s_lo, nt, tid);
+    stage_rows<BT, VD>(uVs, v, ((t0 - W) * H + i_h) * VD, H * VD, s_lo, nt, tid);
+    stage_rows<KD, MD>(uHk, hk_chunks, ((i64)i_c * H + i_h) * KD * MD, MD, 0, KD, tid);
+    stage_rows<MD, VD>(uHv, hv_chunks, ((i64)i_c * H + i_h) * MD * VD, VD, 0, MD, tid);
+    cp_commit();
+    // Gc by columns: TPC threads per slot column, each a run of RPT rows (read at once into
+    // registers), then the runs' offsets through s_tot.
     constexpr int TPC = MT / MD, RPT = BT / TPC;
+    __shared__ float s_tot[TPC * MD];
     const int gm = tid % MD, part = tid / MD;
     const bool g_thread = part < TPC;
     float gc_run[RPT], w_run[RPT];
+    cp_wait<1>();
+    __syncthreads();  // the gates are in
     if (g_thread) {
 #pragma unroll
         for (int rr = 0; rr < RPT; ++rr) {
             const int r = part * RPT + rr;
-            const i64 j = t0 + r - W, oj = (j * H + i_h) * MD + gm;
-            const bool ok = r < nt && j >= bos;
-            gc_run[rr] = ok ? ld(g, oj) : 0.f;
-            w_run[rr] = ok && s != nullptr ? ld(s, oj) : 0.f;
+            gc_run[rr] = ld(sG, r * LDM + gm);
+            w_run[rr] = s != nullptr ? ld(sSw, r * LDM + gm) : derive_s(gc_run[rr]);  // 0 for zero rows
         }
         float acc = 0.f;
 #pragma unroll
         for (int rr = 0; rr < RPT; ++rr) {
-            if (s == nullptr) w_run[rr] = derive_s(gc_run[rr]);  // 0 for identity rows (gate 0)
             acc += fmaxf(gc_run[rr], G_FLOOR) * LOG2E_F;
             gc_run[rr] = acc;
         }
-        sGc[(part * RPT + RPT - 1) * LDG + gm] = acc;  // the run's total
+        s_tot[part * MD + gm] = acc;  // the run's total
     }
-    __syncthreads();
+    __syncthreads();  // every total is in, and every raw gate and s has been read
     float off = 0.f;
     if (g_thread)
-        for (int p = 0; p < part; ++p) off += sGc[(p * RPT + RPT - 1) * LDG + gm];
-    __syncthreads();  // every run's total is read before any is offset
+        for (int p = 0; p < part; ++p) off += s_tot[p * MD + gm];
     bool unsafe = false;
     if (g_thread)
 #pragma unroll
@@ -988,18 +996,18 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     {
         u32 qa[KD / 16][4];
 #pragma unroll
-        for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qa[kt], at_a(sQ, LDK, r0, kt * 16, lane));
+        for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qa[kt], uQa + 2 * kt * 16);
         float ls[MD / 8][4];
         zero<MD>(ls);
-        mm_rs<KD, MD, false>(ls, qa, sHk, LDM, lane);
+        mm_rs<KD, MD, false, LDM>(ls, qa, uHk, lane);
         {
             float a_t[BT / 8][4];
             zero<BT>(a_t);
-            mm_rs<KD, BT, true>(a_t, qa, sKs, LDK, lane, KD / 16, diag);  // Qs Ks^T up to the diagonal
+            mm_rs<KD, BT, true, LDK>(a_t, qa, uKs, lane, KD / 16, diag);  // Qs Ks^T up to the diagonal
             causal(a_t, r0, lane);
             u32 aa[BT / 16][4];
             to_a<BT>(aa, a_t);
-            mm_rs<BT, MD, false>(ls, aa, sSw, LDM, lane, diag);
+            mm_rs<BT, MD, false, LDM>(ls, aa, uSw, lane, diag);
         }
         // 3. Softmax seed: max and sum over the M slots; Pe = 2^(Ls - max) 2^Gc.
         m_i[0] = m_i[1] = -INFINITY;
@@ -1025,78 +1033,73 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         to_a<MD>(pe, ls);
         // 4. Slot values: acc = Pe Hv_c + causal(Pe Sw^T) Vs.
         zero<VD>(acc);
-        mm_rs<MD, VD, false>(acc, pe, sHv, LDV, lane);
+        mm_rs<MD, VD, false, LDV>(acc, pe, uHv, lane);
         float pw[BT / 8][4];
         zero<BT>(pw);
-        mm_rs<MD, BT, true>(pw, pe, sSw, LDM, lane, MD / 16, diag);  // Pe Sw^T up to the diagonal
+        mm_rs<MD, BT, true, LDM>(pw, pe, uSw, lane, MD / 16, diag);  // Pe Sw^T up to the diagonal
         causal(pw, r0, lane);
         u32 pa[BT / 16][4];
         to_a<BT>(pa, pw);
-        mm_rs<BT, VD, false>(acc, pa, sVs, LDV, lane, diag);
+        mm_rs<BT, VD, false, LDV>(acc, pa, uVs, lane, diag);
     }
     __syncthreads();  // slot operands done: the window tiles take their memory, sQ takes q
 
-    // 5. Window band: keys (t-W, t] of the chunk's queries, tiles of BT keys, two buffers.
-    const i64 k_lo = max(bos, t0 - W + 1), k_hi = t0 + nt;
-    const int n_tiles = W > 0 ? (int)((k_hi - k_lo + BT - 1) / BT) : 0;
+    // 5. Window band: keys (t-W, t] of the chunk's queries in tiles of BT keys from max(bos, t0-W+1),
+    // key positions relative to t0. Two buffers: tile it + 1's loads start when every warp is done
+    // with tile it - 1 (the one barrier per tile) and run under tile it's products. Tiles whose
+    // every key is in every real row's band (the band's inside, all but its two ends at W >= 2 BT)
+    // take the unmasked copy of the body.
+    const int k_lo = (int)(max(bos, t0 - W + 1) - t0);
+    const int n_tiles = W > 0 ? (nt - k_lo + BT - 1) / BT : 0;
     auto stage_tile = [&](int it) {
-        const i64 s0 = k_lo + (i64)it * BT;
-        auto keys = [&](int r) -> i64 { return s0 + r < k_hi ? (s0 + r) * H : -1; };
-        stage<KD>(sK + (it & 1) * BT * LDK, k + (i64)i_h * KD, keys, tid);
-        stage<VD>(sV + (it & 1) * BT * LDV, v + (i64)i_h * VD, keys, tid);
+        const i64 row0 = (t0 + k_lo + it * BT) * H + i_h;
+        const int keys = nt - k_lo - it * BT;  // rows of the tile before the chunk's end
+        stage_rows<BT, KD>(uK + (it & 1) * (2 * BT * LDK), k, row0 * KD, H * KD, 0, keys, tid);
+        stage_rows<BT, VD>(uV + (it & 1) * (2 * BT * LDV), v, row0 * VD, H * VD, 0, keys, tid);
         cp_commit();
     };
     if (n_tiles > 0) {
-        stage<KD>(sQ, q + (i64)i_hq * KD, [&](int r) -> i64 { return r < nt ? (t0 + r) * HQ : -1; }, tid);
+        stage_rows<BT, KD>(uQ, q, (t0 * HQ + i_hq) * KD, HQ * KD, 0, nt, tid);
         stage_tile(0);
     }
     u32 qf[KD / 16][4];
-    for (int it = 0; it < n_tiles; ++it) {
-        if (it + 1 < n_tiles) {
-            stage_tile(it + 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
-        __syncthreads();
+    auto tile = [&](int it, auto masked) {
+        cp_wait<0>();
+        __syncthreads();  // tile it is in for every thread, and every warp is done with tile it - 1
+        if (it + 1 < n_tiles) stage_tile(it + 1);
         if (it == 0)
 #pragma unroll
-            for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qf[kt], at_a(sQ, LDK, r0, kt * 16, lane));
-        const IN_T* tk = sK + (it & 1) * BT * LDK;
-        const IN_T* tv = sV + (it & 1) * BT * LDV;
-        const i64 s0 = k_lo + (i64)it * BT;
+            for (int kt = 0; kt < KD / 16; ++kt) ldsm4(qf[kt], uQa + 2 * kt * 16);
         float sc[BT / 8][4];
         zero<BT>(sc);
-        mm_rs<KD, BT, true>(sc, qf, tk, LDK, lane);
-        // every key of the tile inside every real row's band: no mask
-        const bool full = s0 + BT <= k_hi && s0 + BT - 1 <= t0 && s0 > t0 + nt - 1 - W;
-        const int ds = (int)(s0 - t0);  // key j = s0 + col against query t = t0 + row: j - t = ds + col - row
-        float m_n[2] = {m_i[0], m_i[1]};
+        mm_rs<KD, BT, true, LDK>(sc, qf, uK + (it & 1) * (2 * BT * LDK), lane);
+        // raw scores; the masked copy keeps key j = t0 + s0 + col for query t = t0 + row where
+        // t - W < j <= t (the tile's keys are inside the sequence and before the chunk's end)
+        const int s0 = k_lo + it * BT;
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int j = 0; j < BT / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                float x = sc[j][e] * qk2;
-                if (!full) {
-                    const int col = ds + 8 * j + 2 * q4 + (e & 1), d = col - (r0 + gq + 8 * (e >> 1));
-                    if (!(col < nt && d <= 0 && d > -W)) x = -INFINITY;
+                if (decltype(masked)::value) {
+                    const int d = s0 + 8 * j + 2 * q4 + (e & 1) - (r0 + gq + 8 * (e >> 1));
+                    if (d > 0 || d <= -W) sc[j][e] = -INFINITY;
                 }
-                sc[j][e] = x;
-                m_n[e >> 1] = fmaxf(m_n[e >> 1], x);
+                mx[e >> 1] = fmaxf(mx[e >> 1], sc[j][e]);
             }
         float alpha[2];
 #pragma unroll
         for (int h2 = 0; h2 < 2; ++h2) {
-            m_n[h2] = quad_max(m_n[h2]);  // >= the slot max: finite
-            alpha[h2] = exp2_w(m_i[h2] - m_n[h2]);
-            m_i[h2] = m_n[h2];
+            const float m_n = fmaxf(m_i[h2], quad_max(mx[h2]) * qk2);  // >= the slot max: finite
+            alpha[h2] = exp2_w(m_i[h2] - m_n);
+            m_i[h2] = m_n;
             l_i[h2] *= alpha[h2];
         }
 #pragma unroll
         for (int j = 0; j < BT / 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float p = exp2_w(sc[j][e] - m_i[e >> 1]);
+                const float p = exp2_w(fmaf(sc[j][e], qk2, -m_i[e >> 1]));
                 l_i[e >> 1] += p;
                 sc[j][e] = p;
             }
@@ -1106,20 +1109,24 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
             for (int e = 0; e < 4; ++e) acc[j][e] *= alpha[e >> 1];
         u32 pa[BT / 16][4];
         to_a<BT>(pa, sc);
-        mm_rs<BT, VD, false>(acc, pa, tv, LDV, lane);
-        __syncthreads();  // the next iteration's loads reuse this buffer
+        mm_rs<BT, VD, false, LDV>(acc, pa, uV + (it & 1) * (2 * BT * LDV), lane);
+    };
+    for (int it = 0; it < n_tiles; ++it) {
+        const int s0 = k_lo + it * BT;
+        if (s0 + BT - 1 <= 0 && s0 > nt - 1 - W) tile(it, Flag<false>());
+        else tile(it, Flag<true>());
     }
 
     // 6. Normalise and store o, lse (natural log).
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
-        const float l = quad_sum(l_i[h2]);
+        const float l = quad_sum(l_i[h2]), inv = 1.f / l;
         const int tt = r0 + gq + 8 * h2;
         if (tt >= nt) continue;
         const i64 t = t0 + tt;
         u32* po = reinterpret_cast<u32*>(o + (t * HQ + i_hq) * VD + 2 * q4);
 #pragma unroll
-        for (int j = 0; j < VD / 8; ++j) po[4 * j] = pack_bf16(acc[j][2 * h2] / l, acc[j][2 * h2 + 1] / l);
+        for (int j = 0; j < VD / 8; ++j) po[4 * j] = pack_bf16(acc[j][2 * h2] * inv, acc[j][2 * h2 + 1] * inv);
         if (q4 == 0) lse[((t / T) * HQ + i_hq) * T + t % T] = (m_i[h2] + log2f(l)) * 0.6931471805599453f;
     }
 }
@@ -1182,14 +1189,16 @@ struct StatePart {
     // zero-filled rows (identity tokens, past the end) have gate 0 and weight 0.
     __device__ __forceinline__ void stage_chunk(IN_T* st, i64 t0, i64 bos, i64 eos, const IN_T* k_slot,
                                                 const IN_T* v, const IN_T* g, const IN_T* s) const {
-        auto row_of = [&](int r) -> i64 { return (t0 + r < eos && t0 + r - W >= bos) ? t0 + r - W : -1; };
-        if (is_k) stage<KD>(st, k_slot + (i64)h * KD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
-        else stage<VD>(st, v + (i64)h * VD, [&](int r) -> i64 { const i64 j = row_of(r); return j < 0 ? -1 : j * H; }, tid);
+        // rows lo <= r < hi have a shifted row t0 + r - W inside the sequence
+        const int lo = (int)min((i64)BT, max((i64)0, bos + W - t0)), hi = (int)min((i64)BT, eos - t0);
+        const u32 ust = smem_u32(st);
+        if (is_k) stage_rows<BT, KD>(ust, k_slot, ((t0 - W) * H + h) * KD, H * KD, lo, hi, tid);
+        else stage_rows<BT, VD>(ust, v, ((t0 - W) * H + h) * VD, H * VD, lo, hi, tid);
         const int r = tid >> 1, half = (tid & 1) * 8;  // BT rows x 2 pieces = MT threads
-        const i64 j = row_of(r);
-        const i64 o = (j * H + h) * MD + m0 + half;
-        cp16(st + XS + r * SC + half, j >= 0 ? g + o : g, j >= 0);
-        if (s != nullptr) cp16(st + XS + GS + r * SC + half, j >= 0 ? s + o : s, j >= 0);
+        const bool ok = r >= lo && r < hi;
+        const i64 o = ((t0 + r - W) * H + h) * MD + m0 + half;
+        cp16(ust + 2 * (XS + r * SC + half), ok ? g + o : g, ok);
+        if (s != nullptr) cp16(ust + 2 * (XS + GS + r * SC + half), ok ? s + o : s, ok);
     }
     // Wc = S 2^(Gc_last - Gc) into sW [BT, SC+8], 2^Gc_last into s_a [SC]: gates after each row inside
     // the run, then the runs after this one (lanes 4 apart).
