@@ -64,13 +64,15 @@ def smem_floats(kernel: str, BT: int, K: int, V: int, M: int) -> int:
 
 # Register-tile forward (forward.cu nha_fwd_state_mma + nha_fwd_main_mma): bfloat16 inputs, K, V, M
 # multiples of 16 up to MMA_MAX_DIM, chunks of MMA_BT = 4 warps x 16 query rows, MMA_THREADS threads;
-# the state walk takes MMA_STATE_COLUMNS slot columns of Hk or Hv per block. Off: the WMMA kernels
+# the state walk takes MMA_STATE_COLUMNS slot columns of both Hk and Hv per block. Off: the WMMA kernels
 # (nha_fwd_state_tc + nha_fwd_main_tc) for every chunk.
 FWD_MMA = True
 MMA_BT = 64
 MMA_THREADS = 128
 MMA_STATE_COLUMNS = 16  # forward.cu SC
-MMA_STATE_STAGES = 3    # forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead)
+# forward.cu SST: chunks in the state walk's cp.async ring (SST - 1 ahead). H200, gpu-a (2026-12-04):
+# walk 0.252 ms with 2 stages (45 KB of shared memory, all 512 blocks resident) against 0.407 with 3.
+MMA_STATE_STAGES = 2
 # How the register-tile path computes the chunk states: "walk" (nha_fwd_state_mma: one block per
 # (sequence, head, Hk or Hv, slot tile) walks the chunks in order), "scan" (nha_fwd_state_local_mma:
 # every chunk's own update at once, then nha_fwd_state_scan chains them per state element) or
@@ -97,28 +99,29 @@ def use_mma(p) -> bool:
 
 def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int, sms: int) -> str:
     """MMA_STATE_PASS, or under "auto" the faster pass by a cost model fitted on an H200 (132 SMs;
-    2026-12-04, bf16, M = 64, exact gate math, per-kernel times of `gpu_session.sh cupy-state-scan`):
+    2026-12-04, bf16, M = 64, per-kernel times of asv_bench/tune_results/2026-12-04-h200-eleventh,
+    call 4):
 
-    * walk: a chain of ``longest`` dependent chunk steps of ~1.35 + 0.0083 max(K, V) us (gpu-b:
-      512 steps in 0.96 ms, gpu-c at K = V = 128: 256 in 0.62) while its 2 N H M / 16 blocks fit
-      ~2.3 per SM, longer past that (gpu-a: 1024 blocks, 64 steps, 0.40 ms);
-    * scan: bandwidth-bound, ~0.51 ms per 2^26 state elements over all chunks (gpu-a, gpu-b, gpu-c
-      each hold 2^26: 0.54, 0.56, 0.45 ms for both kernels), plus ~5 us for its second launch.
+    * walk: a chain of ``longest`` dependent chunk steps of ~0.89 + 0.0125 max(K, V) us (gpu-b:
+      512 steps in 0.867 ms, gpu-c at K = V = 128: 256 in 0.638) while its N H M / 16 blocks fit
+      ~1.66 per SM, longer past that (gpu-a: 512 blocks, 64 steps, 0.252 ms);
+    * scan: bandwidth-bound, ~0.45 ms per 2^26 state elements over all chunks (gpu-a, gpu-b, gpu-c
+      each hold 2^26: 0.444, 0.470, 0.426 ms for both kernels), plus ~5 us for its second launch.
     """
     if MMA_STATE_PASS != "auto":
         return MMA_STATE_PASS
-    blocks = 2 * N * H * -(-M // MMA_STATE_COLUMNS)
-    walk_ms = longest * 1e-3 * (1.35 + 0.0083 * max(K, V)) * max(1.0, blocks / (2.33 * sms))
-    scan_ms = 0.005 + 0.51 * chunks * H * (K + V) * M / 2**26
+    blocks = N * H * -(-M // MMA_STATE_COLUMNS)
+    walk_ms = longest * 1e-3 * (0.89 + 0.0125 * max(K, V)) * max(1.0, blocks / (1.66 * sms))
+    scan_ms = 0.005 + 0.447 * chunks * H * (K + V) * M / 2**26
     return "walk" if walk_ms <= scan_ms else "scan"
 
 
 def state_mma_smem_bytes(K: int, V: int, stages: int | None = None) -> int:
     """Dynamic shared memory of nha_fwd_state_mma (MMA_STATE_STAGES stages) or nha_fwd_state_local_mma
-    (stages=1). A stage: the shifted rows [BT, max(K, V) + 8] and the block's gates and write weights
-    [BT, MMA_STATE_COLUMNS], 2 bytes each."""
+    (stages=1). A stage: the shifted k_slot and v rows [BT, K + 8] and [BT, V + 8], and the block's
+    gates and write weights [BT, MMA_STATE_COLUMNS], 2 bytes each."""
     stages = MMA_STATE_STAGES if stages is None else stages
-    return stages * 2 * MMA_BT * (max(K, V) + 8 + 2 * MMA_STATE_COLUMNS)
+    return stages * 2 * MMA_BT * (K + 8 + V + 8 + 2 * MMA_STATE_COLUMNS)
 
 
 def mma_smem_bytes(K: int, V: int, M: int) -> int:

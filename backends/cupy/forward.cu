@@ -1132,57 +1132,74 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 }
 
 // Chunk states for nha_fwd_main_mma (replaces nha_fwd_state_tc in NHA_MMA builds), grid
-// (2 * MD / SC, N * H), MT threads. A block walks one (sequence, head)'s chunks in order for SC slot
-// columns of Hk (blockIdx.x < MD / SC: Hk[:, m0 .. m0+SC]) or of Hv (Hv[m0 .. m0+SC, :]); its state
-// tile stays in the warps' mma accumulators (fp32; stored at each chunk start as IN_T, which is what
-// nha_fwd_main_mma's bf16 products read, and as fp32 at the end), and each chunk is one product
-// (MATH.md section 2):
+// (MD / SC, N * H), MT threads. A block walks one (sequence, head)'s chunks in order for SC slot
+// columns: Hk[:, m0 .. m0+SC] and Hv[m0 .. m0+SC, :], whose updates share the chunk's gate weights.
+// Its state tiles stay in the warps' mma accumulators (fp32; stored at each chunk start as IN_T,
+// which is what nha_fwd_main_mma's bf16 products read, and as fp32 at the end), and each chunk is
+// one product per part (MATH.md section 2):
 //   Hk <- a Hk + Ks^T Wc,   Hv <- a Hv + Wc^T Vs,   Wc = S 2^(Gc_last - Gc) (<= 1, bfloat16),  a = 2^Gc_last,
 // the Triton walk's form (forward.py fwd_chunk_update). A chunk's shifted rows and its gates (and s)
 // reach shared memory by cp.async through a ring of SST stages, SST - 1 chunks ahead of the walk,
-// so the chain per chunk is two barriers, the gate sums and the product. Gate sums: each warp takes
+// so the chain per chunk is two barriers, the gate sums and the products. Gate sums: each warp takes
 // SC / 4 slot columns, one lane per column and run of 8 rows; suffix sums inside a run, then across
 // the runs of a column by shuffles.
 #define SC 16                                   // slot columns per block
-#define DX (KD > VD ? KD : VD)                  // the larger row of the Hk and Hv parts
 #ifndef SST
-#define SST 3                                   // ring stages (configs.state_mma_smem_bytes)
+#define SST 2                                   // ring stages (configs.state_mma_smem_bytes)
 #endif
 static_assert(MT == SC * (BT / 8), "nha_fwd_state_mma: one lane per slot column and run of 8 rows");
 static_assert(SC * 2 == 32, "nha_fwd_state_mma: a row of SC gates is two 16-byte pieces");
 
 // One block's share of a chunk's state update (nha_fwd_state_mma, nha_fwd_state_local_mma): SC slot
-// columns m0 .. m0+SC of Hk (is_k) or of Hv, head h. The warp's accumulator tiles: Hk part, row
-// tiles kd = 16 (warp + 4 i) and both 8-column halves of the SC slots; Hv part, the SC slot rows
-// and value columns 16 (warp + 4 i) + 8 jn. Element e of (i, jn) is the state's (row, col) in
-// offset(), and e, e + 1 are adjacent in memory.
-// A chunk's stage in shared memory: X [BT, DX+8] (shifted k_slot or v rows), G [BT, SC] and
-// S [BT, SC] (gates and write weights of the block's slot columns, as stored: IN_T).
-constexpr int NI = (DX / 16 + 3) / 4;
-constexpr int XS = BT * (DX + 8), GS = BT * SC, STAGE = XS + 2 * GS;
+// columns m0 .. m0+SC of Hk and of Hv, head h. The warp's accumulator tiles: Hk part (Flag<true>),
+// row tiles kd = 16 (warp + 4 i) and both 8-column halves of the SC slots; Hv part (Flag<false>),
+// the SC slot rows and value columns 16 (warp + 4 i) + 8 jn. Element e of (i, jn) is the state's
+// (row, col) in offset(), and e, e + 1 are adjacent in memory.
+// A chunk's stage in shared memory: XK [BT, KD+8] and XV [BT, VD+8] (shifted k_slot and v rows),
+// G [BT, SC] and S [BT, SC] (gates and write weights of the block's slot columns, as stored: IN_T).
+constexpr int NIK = (KD / 16 + 3) / 4, NIV = (VD / 16 + 3) / 4;
+constexpr int XKS = BT * (KD + 8), XS = XKS + BT * (VD + 8), GS = BT * SC, STAGE = XS + 2 * GS;
+struct StateAcc {
+    float k[NIK][2][4], v[NIV][2][4];
+};
 struct StatePart {
-    bool is_k;
-    int m0, h, H, W, D, tid, lane, warp, gq, q4, gm, run;  // gm, run: gate column, run of rows 8 run ..
-    i64 state_size;
+    int m0, h, H, W, tid, lane, warp, gq, q4, gm, run;  // gm, run: gate column, run of rows 8 run ..
 
     __device__ __forceinline__ StatePart(int part, int h_, int H_, int W_)
-        : is_k(part < MD / SC), m0((part < MD / SC ? part : part - MD / SC) * SC), h(h_), H(H_), W(W_),
-          D(part < MD / SC ? KD : VD), tid(threadIdx.x), lane(threadIdx.x & 31), warp(threadIdx.x >> 5),
+        : m0(part * SC), h(h_), H(H_), W(W_), tid(threadIdx.x), lane(threadIdx.x & 31), warp(threadIdx.x >> 5),
           gq((threadIdx.x & 31) >> 2), q4(threadIdx.x & 3), gm(4 * (threadIdx.x >> 5) + (threadIdx.x & 3)),
-          run((threadIdx.x & 31) >> 2), state_size(part < MD / SC ? (i64)KD * MD : (i64)MD * VD) {}
-    __device__ __forceinline__ bool tile_ok(int i) const { return warp + 4 * i < D / 16; }
-    __device__ __forceinline__ i64 offset(int i, int jn, int e) const {  // in one [K, M] / [M, V] state
-        if (is_k) return (i64)(16 * (warp + 4 * i) + gq + 8 * (e >> 1)) * MD + m0 + 8 * jn + 2 * q4 + (e & 1);
+          run((threadIdx.x & 31) >> 2) {}
+    template <bool K> __device__ static constexpr i64 state_size(Flag<K>) { return K ? (i64)KD * MD : (i64)MD * VD; }
+    template <bool K> __device__ __forceinline__ i64 offset(Flag<K>, int i, int jn, int e) const {  // in one state
+        if (K) return (i64)(16 * (warp + 4 * i) + gq + 8 * (e >> 1)) * MD + m0 + 8 * jn + 2 * q4 + (e & 1);
         return (i64)(m0 + gq + 8 * (e >> 1)) * VD + 16 * (warp + 4 * i) + 8 * jn + 2 * q4 + (e & 1);
     }
-    template <typename F> __device__ __forceinline__ void for_pairs(F&& f) const {  // f(i, jn, e), e = 0, 2
+    // the pair (e, e + 1) of tile (i, jn) of the part
+    template <bool K> __device__ __forceinline__ float* at(StateAcc& a, Flag<K>, int i, int jn, int e) const {
+        if constexpr (K) return &a.k[i][jn][e];
+        else return &a.v[i][jn][e];
+    }
+    // the slot of element e of tile (i, jn): its decay a = 2^Gc_last scales it
+    template <bool K> __device__ __forceinline__ int slot(Flag<K>, int jn, int e) const {
+        return K ? 8 * jn + 2 * q4 + (e & 1) : gq + 8 * (e >> 1);
+    }
+    // f(part, i, jn, e) for both parts' tiles, e = 0, 2
+    template <typename F> __device__ __forceinline__ void for_pairs(F&& f) const {
 #pragma unroll
-        for (int i = 0; i < NI; ++i)
-            if (tile_ok(i))
+        for (int i = 0; i < NIK; ++i)
+            if (warp + 4 * i < KD / 16)
 #pragma unroll
                 for (int jn = 0; jn < 2; ++jn) {
-                    f(i, jn, 0);
-                    f(i, jn, 2);
+                    f(Flag<true>(), i, jn, 0);
+                    f(Flag<true>(), i, jn, 2);
+                }
+#pragma unroll
+        for (int i = 0; i < NIV; ++i)
+            if (warp + 4 * i < VD / 16)
+#pragma unroll
+                for (int jn = 0; jn < 2; ++jn) {
+                    f(Flag<false>(), i, jn, 0);
+                    f(Flag<false>(), i, jn, 2);
                 }
     }
     // The chunk of rows t0 .. t0+BT of sequence [bos, eos) into stage st (cp.async, not committed);
@@ -1192,8 +1209,8 @@ struct StatePart {
         // rows lo <= r < hi have a shifted row t0 + r - W inside the sequence
         const int lo = (int)min((i64)BT, max((i64)0, bos + W - t0)), hi = (int)min((i64)BT, eos - t0);
         const u32 ust = smem_u32(st);
-        if (is_k) stage_rows<BT, KD>(ust, k_slot, ((t0 - W) * H + h) * KD, H * KD, lo, hi, tid);
-        else stage_rows<BT, VD>(ust, v, ((t0 - W) * H + h) * VD, H * VD, lo, hi, tid);
+        stage_rows<BT, KD>(ust, k_slot, ((t0 - W) * H + h) * KD, H * KD, lo, hi, tid);
+        stage_rows<BT, VD>(ust + 2 * XKS, v, ((t0 - W) * H + h) * VD, H * VD, lo, hi, tid);
         const int r = tid >> 1, half = (tid & 1) * 8;  // BT rows x 2 pieces = MT threads
         const bool ok = r >= lo && r < hi;
         const i64 o = ((t0 + r - W) * H + h) * MD + m0 + half;
@@ -1224,30 +1241,30 @@ struct StatePart {
         }
         if (run == 0) s_a[gm] = exp2f(incl);
     }
-    // acc += Ks^T Wc (Hk part) or Wc^T Vs (Hv part), the rows X of stage st.
-    __device__ __forceinline__ void product(float (&acc)[NI][2][4], const IN_T* x, const IN_T* sW) const {
+    // acc.k += Ks^T Wc and acc.v += Wc^T Vs, the rows of stage st.
+    __device__ __forceinline__ void product(StateAcc& acc, const IN_T* st, const IN_T* sW) const {
+        const IN_T* xk = st;
+        const IN_T* xv = st + XKS;
 #pragma unroll
         for (int kt = 0; kt < BT / 16; ++kt) {
             u32 a[4], b[4];
-            if (is_k) {
-                ldsm4_t(b, at_b_kn(sW, SC + 8, kt * 16, 0, lane));
+            ldsm4_t(b, at_b_kn(sW, SC + 8, kt * 16, 0, lane));  // B = Wc
 #pragma unroll
-                for (int i = 0; i < NI; ++i)
-                    if (tile_ok(i)) {  // A = Ks^T: rows kd, stored [j][kd]
-                        ldsm4_t(a, x + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (KD + 8) + 16 * (warp + 4 * i) + ((lane >> 3) & 1) * 8);
-                        mma16816(acc[i][0], a, b[0], b[1]);
-                        mma16816(acc[i][1], a, b[2], b[3]);
-                    }
-            } else {  // A = Wc^T: rows m, stored [j][m]
-                ldsm4_t(a, sW + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (SC + 8) + ((lane >> 3) & 1) * 8);
+            for (int i = 0; i < NIK; ++i)
+                if (warp + 4 * i < KD / 16) {  // A = Ks^T: rows kd, stored [j][kd]
+                    ldsm4_t(a, xk + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (KD + 8) + 16 * (warp + 4 * i) + ((lane >> 3) & 1) * 8);
+                    mma16816(acc.k[i][0], a, b[0], b[1]);
+                    mma16816(acc.k[i][1], a, b[2], b[3]);
+                }
+            // A = Wc^T: rows m, stored [j][m]
+            ldsm4_t(a, sW + (kt * 16 + (lane & 7) + (lane >> 4) * 8) * (SC + 8) + ((lane >> 3) & 1) * 8);
 #pragma unroll
-                for (int i = 0; i < NI; ++i)
-                    if (tile_ok(i)) {
-                        ldsm4_t(b, at_b_kn(x, VD + 8, kt * 16, 16 * (warp + 4 * i), lane));
-                        mma16816(acc[i][0], a, b[0], b[1]);
-                        mma16816(acc[i][1], a, b[2], b[3]);
-                    }
-            }
+            for (int i = 0; i < NIV; ++i)
+                if (warp + 4 * i < VD / 16) {
+                    ldsm4_t(b, at_b_kn(xv, VD + 8, kt * 16, 16 * (warp + 4 * i), lane));
+                    mma16816(acc.v[i][0], a, b[0], b[1]);
+                    mma16816(acc.v[i][1], a, b[2], b[3]);
+                }
         }
     }
 };
@@ -1267,14 +1284,16 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
     const int n = blockIdx.y / H;
     const i64 bos = bos_arr[n], eos = bos_arr[n + 1];
     const int c0 = seq_chunk0[n], c1 = seq_chunk0[n + 1];
+    const i64 nh = (i64)n * H + P.h;
 
-    float acc[NI][2][4];
-    const float* h0 = P.is_k ? hk0 : hv0;
-    P.for_pairs([&](int i, int jn, int e) {
+    StateAcc acc;
+    P.for_pairs([&](auto part, int i, int jn, int e) {
+        const float* h0 = decltype(part)::value ? hk0 : hv0;
         float2 x = make_float2(0.f, 0.f);
-        if (h0 != nullptr) x = *reinterpret_cast<const float2*>(h0 + ((i64)n * H + P.h) * P.state_size + P.offset(i, jn, e));
-        acc[i][jn][e] = x.x;
-        acc[i][jn][e + 1] = x.y;
+        if (h0 != nullptr) x = *reinterpret_cast<const float2*>(h0 + nh * P.state_size(part) + P.offset(part, i, jn, e));
+        float* a = P.at(acc, part, i, jn, e);
+        a[0] = x.x;
+        a[1] = x.y;
     });
     // chunk c into ring stage (c - c0) % SST; always one commit group
     auto stage_chunk = [&](int c) {
@@ -1284,9 +1303,11 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 #pragma unroll
     for (int k = 0; k < SST - 1; ++k) stage_chunk(c0 + k);
     for (int c = c0; c < c1; ++c) {
-        IN_T* dst = (P.is_k ? hk_chunks : hv_chunks) + ((i64)c * H + P.h) * P.state_size;
-        P.for_pairs([&](int i, int jn, int e) {
-            *reinterpret_cast<u32*>(dst + P.offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
+        const i64 ch = (i64)c * H + P.h;
+        P.for_pairs([&](auto part, int i, int jn, int e) {
+            IN_T* dst = decltype(part)::value ? hk_chunks : hv_chunks;
+            const float* a = P.at(acc, part, i, jn, e);
+            *reinterpret_cast<u32*>(dst + ch * P.state_size(part) + P.offset(part, i, jn, e)) = pack_bf16(a[0], a[1]);
         });
         cp_wait<SST - 2>();  // chunk c's group is complete
         __syncthreads();     // ... for every thread; and the previous step is done with sW and its stage
@@ -1294,21 +1315,20 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
         const IN_T* st = ring + ((c - c0) % SST) * STAGE;
         P.weights(st, s, sW, s_a);
         __syncthreads();
-        P.for_pairs([&](int i, int jn, int e) {
-            const float a0 = P.is_k ? s_a[8 * jn + 2 * P.q4] : s_a[P.gq + 8 * (e >> 1)];
-            const float a1 = P.is_k ? s_a[8 * jn + 2 * P.q4 + 1] : a0;
-            acc[i][jn][e] *= a0;
-            acc[i][jn][e + 1] *= a1;
+        P.for_pairs([&](auto part, int i, int jn, int e) {
+            float* a = P.at(acc, part, i, jn, e);
+            a[0] *= s_a[P.slot(part, jn, e)];
+            a[1] *= s_a[P.slot(part, jn, e + 1)];
         });
         P.product(acc, st, sW);
     }
     cp_wait<0>();  // the empty groups of the last steps
-    float* out = P.is_k ? hk_out : hv_out;
-    if (out != nullptr)
-        P.for_pairs([&](int i, int jn, int e) {
-            *reinterpret_cast<float2*>(out + ((i64)n * H + P.h) * P.state_size + P.offset(i, jn, e)) =
-                make_float2(acc[i][jn][e], acc[i][jn][e + 1]);
-        });
+    P.for_pairs([&](auto part, int i, int jn, int e) {
+        float* out = decltype(part)::value ? hk_out : hv_out;
+        const float* a = P.at(acc, part, i, jn, e);
+        if (out != nullptr)
+            *reinterpret_cast<float2*>(out + nh * P.state_size(part) + P.offset(part, i, jn, e)) = make_float2(a[0], a[1]);
+    });
 }
 
 // Chunk states in two passes (configs.state_pass "scan", picked for few long sequences, as the Triton
@@ -1316,9 +1336,9 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_mma(
 // chains them per state element. The walk above has one block per (sequence, head, slot tile) on a
 // chain of all the sequence's chunks: few blocks and long chains when B is small and T large.
 //
-// Step 1, grid (NC * H, 2 * MD / SC), MT threads, dynamic shared memory one stage (StatePart):
-// chunk c's own update L_c (Ks^T Wc or Wc^T Vs, rounded to IN_T as the Triton scan stores it for
-// bf16) into row c of hk_chunks / hv_chunks, and a_c [NC, H, M] = 2^Gc_last (Hk blocks write it).
+// Step 1, grid (NC * H, MD / SC), MT threads, dynamic shared memory one stage (StatePart):
+// chunk c's own updates L_c (Ks^T Wc and Wc^T Vs, rounded to IN_T as the Triton scan stores them for
+// bf16) into row c of hk_chunks and hv_chunks, and a_c [NC, H, M] = 2^Gc_last.
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_local_mma(
     const IN_T* __restrict__ k_slot, const IN_T* __restrict__ v, const IN_T* __restrict__ g,
     const IN_T* __restrict__ s, const i64* __restrict__ bos_arr, const int* __restrict__ chunk_n,
@@ -1331,20 +1351,25 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_state_local_mma(
     const int c = blockIdx.x / H;
     const StatePart P(blockIdx.y, blockIdx.x % H, H, W);
     const int n = chunk_n[c];
+    const i64 ch = (i64)c * H + P.h;
     P.stage_chunk(st, chunk_t0[c], bos_arr[n], bos_arr[n + 1], k_slot, v, g, s);
     cp_commit();
     cp_wait<0>();
     __syncthreads();
     P.weights(st, s, sW, s_a);
     __syncthreads();
-    float acc[NI][2][4];
-    P.for_pairs([&](int i, int jn, int e) { acc[i][jn][e] = acc[i][jn][e + 1] = 0.f; });
-    P.product(acc, st, sW);
-    IN_T* dst = (P.is_k ? hk_chunks : hv_chunks) + ((i64)c * H + P.h) * P.state_size;
-    P.for_pairs([&](int i, int jn, int e) {
-        *reinterpret_cast<u32*>(dst + P.offset(i, jn, e)) = pack_bf16(acc[i][jn][e], acc[i][jn][e + 1]);
+    StateAcc acc;
+    P.for_pairs([&](auto part, int i, int jn, int e) {
+        float* a = P.at(acc, part, i, jn, e);
+        a[0] = a[1] = 0.f;
     });
-    if (P.is_k && P.run == 0) a_c[((i64)c * H + P.h) * MD + P.m0 + P.gm] = s_a[P.gm];
+    P.product(acc, st, sW);
+    P.for_pairs([&](auto part, int i, int jn, int e) {
+        IN_T* dst = decltype(part)::value ? hk_chunks : hv_chunks;
+        const float* a = P.at(acc, part, i, jn, e);
+        *reinterpret_cast<u32*>(dst + ch * P.state_size(part) + P.offset(part, i, jn, e)) = pack_bf16(a[0], a[1]);
+    });
+    if (P.run == 0) a_c[ch * MD + P.m0 + P.gm] = s_a[P.gm];
 }
 
 // Step 2, grid (ceil((K M + M V) / NT), N * H), NT threads, one state element per thread, in place:

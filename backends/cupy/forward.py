@@ -159,13 +159,13 @@ def forward_tc(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     state_args = (k_slot, v, g, s, *h0, bos, seq_chunk0, hk_chunks, hv_chunks, *h_t)
     if mma and configs.state_pass(N, H, K, V, M, longest, NC, sm_count(q.device.id)) == "scan":
         a_c = cupy.empty((NC, H, M), dtype=cupy.float32)
-        launch(mod, "nha_fwd_state_local_mma", (NC * H, 2 * M // configs.MMA_STATE_COLUMNS), (
+        launch(mod, "nha_fwd_state_local_mma", (NC * H, M // configs.MMA_STATE_COLUMNS), (
             k_slot, v, g, s, bos, chunk_n, chunk_t0, hk_chunks, hv_chunks, a_c, i32(H), i32(p.W)),
             configs.state_mma_smem_bytes(K, V, stages=1), threads=configs.MMA_THREADS)
         launch(mod, "nha_fwd_state_scan", (-(-(K * M + M * V) // configs.NT), N * H), (
             *h0, seq_chunk0, hk_chunks, hv_chunks, a_c, *h_t, i32(H)))
     elif mma:
-        launch(mod, "nha_fwd_state_mma", (2 * M // configs.MMA_STATE_COLUMNS, N * H), state_args + (i32(H), i32(p.W)),
+        launch(mod, "nha_fwd_state_mma", (M // configs.MMA_STATE_COLUMNS, N * H), state_args + (i32(H), i32(p.W)),
                configs.state_mma_smem_bytes(K, V), threads=configs.MMA_THREADS)
     else:
         launch(mod, "nha_fwd_state_tc", (2 * (-(-M // configs.BMC)), N * H), state_args + (
