@@ -82,6 +82,28 @@ def cases(draw, max_T=40, max_dim=9, max_M=7, varlen=True, flags=True):
     )
 
 
+@st.composite
+def tile_cases(draw, max_T=200):
+    """Sizes the tensor-core paths take: K, V, M multiples of 16 (the CuPy register-tile kernels,
+    the Triton bf16 dots) over several 64-row chunks; the rest as awkward as cases() draws it."""
+    dim = st.sampled_from((16, 32, 48, 64))
+    H = draw(st.integers(1, 2))
+    HQ = H * draw(st.integers(1, 2))
+    K, V, M = draw(dim), draw(dim), draw(dim)
+    seqlens = None
+    if draw(st.booleans()):
+        seqlens = tuple(draw(st.lists(st.integers(0, max_T // 2), min_size=1, max_size=3)))
+        B, T = 1, sum(seqlens)
+    else:
+        B, T = draw(st.integers(1, 2)), draw(st.integers(1, max_T))
+    W = draw(st.one_of(st.just(0), st.just(1), st.integers(0, max_T + 4)))
+    return Case(
+        B=B, T=T, HQ=HQ, H=H, K=K, V=V, M=M, W=W, seed=draw(st.integers(0, 2**31 - 1)),
+        explicit_s=draw(st.booleans()), slot_inputs=draw(st.booleans()), seqlens=seqlens,
+        hard_gates=draw(st.integers(0, 4)) == 0, big_logits=draw(st.integers(0, 6)) == 0,
+    )
+
+
 def inputs(case: Case) -> dict:
     """Float64 inputs for ``case``: gates like gated slot attention, logsigmoid(x) / 4."""
     rng = np.random.default_rng(case.seed)
