@@ -1184,24 +1184,21 @@ struct StatePart {
     template <bool K> __device__ __forceinline__ int slot(Flag<K>, int jn, int e) const {
         return K ? 8 * jn + 2 * q4 + (e & 1) : gq + 8 * (e >> 1);
     }
-    // f(part, i, jn, e) for both parts' tiles, e = 0, 2
+    // f(part, i, jn, e) for one part's tiles (NI of them, D / 16 rows or columns in all), e = 0, 2 ...
+    template <bool K, int NI, int D, typename F> __device__ __forceinline__ void part_pairs(F& f) const {
+#pragma unroll
+        for (int i = 0; i < NI; ++i)
+            if (warp + 4 * i < D / 16)
+#pragma unroll
+                for (int jn = 0; jn < 2; ++jn) {
+                    f(Flag<K>(), i, jn, 0);
+                    f(Flag<K>(), i, jn, 2);
+                }
+    }
+    // ... and for both parts'
     template <typename F> __device__ __forceinline__ void for_pairs(F&& f) const {
-#pragma unroll
-        for (int i = 0; i < NIK; ++i)
-            if (warp + 4 * i < KD / 16)
-#pragma unroll
-                for (int jn = 0; jn < 2; ++jn) {
-                    f(Flag<true>(), i, jn, 0);
-                    f(Flag<true>(), i, jn, 2);
-                }
-#pragma unroll
-        for (int i = 0; i < NIV; ++i)
-            if (warp + 4 * i < VD / 16)
-#pragma unroll
-                for (int jn = 0; jn < 2; ++jn) {
-                    f(Flag<false>(), i, jn, 0);
-                    f(Flag<false>(), i, jn, 2);
-                }
+        part_pairs<true, NIK, KD>(f);
+        part_pairs<false, NIV, VD>(f);
     }
     // The chunk of rows t0 .. t0+BT of sequence [bos, eos) into stage st (cp.async, not committed);
     // zero-filled rows (identity tokens, past the end) have gate 0 and weight 0.
