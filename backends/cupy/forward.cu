@@ -904,22 +904,6 @@ __device__ __forceinline__ void stage_rows(u32 dst, const IN_T* src, i64 off, in
 // redo: [1 + NC * HQ] int, redo[0] = 0 before the launch (see nha_fwd_redo_tc).
 template <bool B> struct Flag { static constexpr bool value = B; };
 
-// acc (16 x NB) += causal(A B1^T) B2 for the warp's 16 rows r0 ..: A (16 x KA) in registers, B1 a
-// [BT, KA] tile stored [key][k] (row stride LD1), B2 a [BT, NB] tile stored [key][n] (LD2), both
-// at shared-window byte addresses. Both products stop at the warp's diagonal k-tile of 16 keys.
-template <int KA, int NB, int LD1, int LD2>
-__device__ __forceinline__ void causal_chain(float (&acc)[NB / 8][4], const u32 (&a)[KA / 16][4], u32 b1, u32 b2,
-                                             int r0, int lane) {
-    const int diag = r0 / QW;
-    float w[BT / 8][4];
-    zero<BT>(w);
-    mm_rs<KA, BT, true, LD1>(w, a, b1, lane, KA / 16, diag);
-    causal(w, r0, lane);
-    u32 wa[BT / 16][4];
-    to_a<BT>(wa, w);
-    mm_rs<BT, NB, false, LD2>(acc, wa, b2, lane, diag);
-}
-
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
     const IN_T* __restrict__ g, const IN_T* __restrict__ s, const IN_T* __restrict__ q_slot,
@@ -941,6 +925,7 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
 
     const int i_c = blockIdx.x, i_hq = blockIdx.y, i_h = i_hq / (HQ / H);
     const int tid = threadIdx.x, lane = tid & 31, gq = lane >> 2, q4 = lane & 3, r0 = (tid >> 5) * QW;
+    const int diag = tid >> 5;  // the warp's diagonal k-tile of 16 keys in the causal products
     const int n = chunk_n[i_c];
     const i64 bos = bos_arr[n], eos = bos_arr[n + 1], t0 = chunk_t0[i_c];
     const int nt = (int)min((i64)BT, eos - t0);
@@ -1015,7 +1000,15 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         float ls[MD / 8][4];
         zero<MD>(ls);
         mm_rs<KD, MD, false, LDM>(ls, qa, uHk, lane);
-        causal_chain<KD, MD, LDK, LDM>(ls, qa, uKs, uSw, r0, lane);  // causal(Qs Ks^T) Sw
+        {
+            float a_t[BT / 8][4];
+            zero<BT>(a_t);
+            mm_rs<KD, BT, true, LDK>(a_t, qa, uKs, lane, KD / 16, diag);  // Qs Ks^T up to the diagonal
+            causal(a_t, r0, lane);
+            u32 aa[BT / 16][4];
+            to_a<BT>(aa, a_t);
+            mm_rs<BT, MD, false, LDM>(ls, aa, uSw, lane, diag);
+        }
         // 3. Softmax seed: max and sum over the M slots; Pe = 2^(Ls - max) 2^Gc.
         m_i[0] = m_i[1] = -INFINITY;
 #pragma unroll
@@ -1041,7 +1034,13 @@ extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
         // 4. Slot values: acc = Pe Hv_c + causal(Pe Sw^T) Vs.
         zero<VD>(acc);
         mm_rs<MD, VD, false, LDV>(acc, pe, uHv, lane);
-        causal_chain<MD, VD, LDM, LDV>(acc, pe, uSw, uVs, r0, lane);  // causal(Pe Sw^T) Vs
+        float pw[BT / 8][4];
+        zero<BT>(pw);
+        mm_rs<MD, BT, true, LDM>(pw, pe, uSw, lane, MD / 16, diag);  // Pe Sw^T up to the diagonal
+        causal(pw, r0, lane);
+        u32 pa[BT / 16][4];
+        to_a<BT>(pa, pw);
+        mm_rs<BT, VD, false, LDV>(acc, pa, uVs, lane, diag);
     }
     __syncthreads();  // slot operands done: the window tiles take their memory, sQ takes q
 
