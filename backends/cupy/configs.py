@@ -74,7 +74,7 @@ MMA_STATE_COLUMNS = 16  # forward.cu SC
 # walk 0.252 ms with 2 stages (45 KB of shared memory, all 512 blocks resident) against 0.407 with 3.
 MMA_STATE_STAGES = 2
 # How the register-tile path computes the chunk states: "walk" (nha_fwd_state_mma: one block per
-# (sequence, head, Hk or Hv, slot tile) walks the chunks in order), "scan" (nha_fwd_state_local_mma:
+# (sequence, head, slot tile of both Hk and Hv) walks the chunks in order), "scan" (nha_fwd_state_local_mma:
 # every chunk's own update at once, then nha_fwd_state_scan chains them per state element) or
 # "auto" (state_pass below picks one per call).
 MMA_STATE_PASS = "auto"
@@ -85,7 +85,7 @@ MMA_FAST_EXP = True     # forward.cu FAST_EXP: softmax weights by ex2.approx (Tr
 # 1.294 ms (walk 0.400 -> 0.374, main 0.965 -> 0.914), gpu-c 1.384 -> 1.326; outputs within 2e-5
 # of the exact gate math's.
 MMA_FAST_GATES = True
-MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (255 registers; 163 at 64)
+MMA_MAX_DIM = 128  # ptxas (sm_90, nvcc 13.0): no spills up to K = V = M = 128 (255 registers; 159 at 64)
 
 
 def use_mma(p) -> bool:
@@ -126,7 +126,8 @@ def state_mma_smem_bytes(K: int, V: int, stages: int | None = None) -> int:
 
 def mma_smem_bytes(K: int, V: int, M: int) -> int:
     """Dynamic shared memory of nha_fwd_main_mma (layout in forward.cu): the q tile, then the larger of
-    the slot operands (bfloat16 tiles, Gc in float) and the two window buffers."""
+    the slot operands (bfloat16 tiles, Gc in float) and the two window buffers. The kernel's static
+    s_tot (at most MMA_THREADS floats: 512 bytes) comes on top."""
     BT, LK, LV, LM = MMA_BT, K + 8, V + 8, M + 8
     slots = 2 * (BT * LK + BT * LV + K * LM + M * LV + BT * LM) + 4 * BT * (M + 4)
     window = 2 * 2 * BT * (LK + LV)
