@@ -899,10 +899,11 @@ __device__ __forceinline__ void stage_rows(u32 dst, const IN_T* src, i64 off, in
 
 // Shared memory (configs.mma_smem_bytes, same order): sQ [BT, LDK] q_slot rows, then q rows;
 // then either the slot operands  sKs [BT, LDK] sVs [BT, LDV] sHk [KD, LDM] sHv [MD, LDV] sSw [BT, LDM]
-// (bfloat16) and sGc [BT, LDG] (float),  or, once the slot terms are done, the window tiles
-// sK [2][BT, LDK] and sV [2][BT, LDV].
+// (bfloat16) and sGc [BT, LDG] (float; its last BT * LDM * 2 bytes first hold the raw gates, and
+// sSw the raw s, until the gate pass has read them),  or, once the slot terms are done, the window
+// tiles sK [2][BT, LDK] and sV [2][BT, LDV]. Static: s_tot, the gate runs' totals.
 // redo: [1 + NC * HQ] int, redo[0] = 0 before the launch (see nha_fwd_redo_tc).
-template <bool B> struct Flag { static constexpr bool value = B; };
+template <bool B> struct Flag { static constexpr bool value = B; };  // a compile-time choice as an argument
 
 extern "C" __global__ void __launch_bounds__(MT) nha_fwd_main_mma(
     const IN_T* __restrict__ q, const IN_T* __restrict__ k, const IN_T* __restrict__ v,
