@@ -87,7 +87,7 @@ class Capture:
             ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
             if self.dump:   # the lowered kernel, to read what the compiler made of it
                 stem = os.path.join(self.dump, f"{fn.__name__}-{len(self.rows)}")
-                for ext, text in (("ttgir", ttgir), ("ptx", ptx)):
+                for ext, text in (("ttgir", ttgir), ("ptx", ptx), ("sass", sass(k.asm["cubin"]))):
                     with open(f"{stem}.{ext}", "w") as f:
                         f.write(text)
             # layout conversions between the dots' and the elementwise layouts (each a trip
@@ -101,13 +101,21 @@ class Capture:
         return None
 
 
-def resource_usage(cubin: bytes) -> dict:
-    """REG, STACK (bytes of per-thread local memory: the spills), SHARED ... from cuobjdump."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump's ``flag`` report of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(cubin: bytes) -> str:
+    return cuobjdump(cubin, "-sass")
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG, STACK (bytes of per-thread local memory: the spills), SHARED ... from cuobjdump."""
+    text = cuobjdump(cubin, "--dump-resource-usage")
     return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", text.split("Function", 1)[1])}
 
 
