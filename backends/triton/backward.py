@@ -45,7 +45,7 @@ import triton.language as tl
 
 from . import configs
 from .forward import (DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE, OP_BF16, TWO_LAUNCHES, _op, block_span, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flag_unsafe, flat,
-                      load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
+                      gates_to_end, load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
                       scan_grid, sequence_span, state_pass, store_chunk_row, window_ranges)
 
 
@@ -120,7 +120,7 @@ def nha_bwd_q_kernel(
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     if HAS_SLOTS:
         c0 = tl.load(chunk_off + i_n).to(tl.int64)
-        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, HAS_S, G_FLOOR)
+        b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, HAS_S, G_FLOOR)
         b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
         b_hk, b_hv = load_states(hk_c, hv_c, (c0 + i_c) * H + i_h, K, V, M, BK, BV, BM)
         b_qs = _op(tl.load(qs + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :], mask=m_tk, other=0.0), LOWP)
@@ -128,13 +128,13 @@ def nha_bwd_q_kernel(
         b_eg = tl.exp2(b_gc)
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                        # [BT, BT]
         b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT) * b_eg
-        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT, DECAY_ANY)) * qk2                   # [BT, BM] log2
+        b_ls = (b_ls + decay_apply(b_a, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, DECAY_ANY)) * qk2                   # [BT, BM] log2
         b_ps = tl.exp2(b_ls - b_lse2[:, None])
         if M < BM:
             b_ps = tl.where(m_m[None, :], b_ps, 0.0)
         b_adv = tl.dot(b_dof, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)                    # [BT, BT]
         b_dov = tl.dot(b_dof, tl.trans(_op(b_hv, LOWP)), input_precision=DOT) * b_eg
-        b_dov += decay_apply(b_adv, b_sx, b_gc, BT, SAFE2, LOWP, DOT, DECAY_ANY)                              # [BT, BM]
+        b_dov += decay_apply(b_adv, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, DECAY_ANY)                              # [BT, BM]
         # Ps and dLs as the slot kernel will read them back (rounded to the buffers' dtype), so
         # the S dS terms it subtracts from X1 carry the same rounding as X1 and cancel with it
         b_ps = b_ps.to(ps_buf.dtype.element_ty).to(tl.float32)
@@ -146,7 +146,7 @@ def nha_bwd_q_kernel(
         tl.store(x1_buf + o_tm, (b_dls * (b_ls * 0.6931471805599453) + b_ps * b_dov).to(x1_buf.dtype.element_ty),
                  mask=m_tm)
         b_dqs = tl.dot(_op(b_dls * b_eg, LOWP_DQ), tl.trans(_op(b_hk, LOWP_DQ)), input_precision=DOT)
-        b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_DQ, DOT, DECAY_ANY), LOWP_DQ), _op(b_ks, LOWP_DQ),
+        b_dqs += tl.dot(_op(decay_weights(b_dls, b_sx, b_gc, b_g2, BT, SAFE2, LOWP_DQ, DOT, DECAY_ANY), LOWP_DQ), _op(b_ks, LOWP_DQ),
                         input_precision=DOT)
         if HAS_QSLOT:
             tl.store(dq_slot + (r_t[:, None] * HQS + i_hq) * K + o_k[None, :],
@@ -185,7 +185,7 @@ def bwd_chunk_update(qs, do, g, ps_buf, dls_buf, bos, T_n, i_c, i_h, W, o_m, sca
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     m_k, m_v, m_m = o_k < K, o_v < V, o_m < M
-    b_gc, b_glast, b_s = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, False, G_FLOOR)
+    b_gc, b_glast, b_s, b_g2 = load_gates(g, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, False, G_FLOOR)
     b_eg = tl.exp2(b_gc)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T_n
@@ -317,25 +317,26 @@ def nha_bwd_slot_kernel(
         run = tl.load(unsafe + i_b * H + i_h) != 0
     if run:
         i_n, i_c, bos, T_n = block_span(block_map, cu, i_b)
-        b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), HS, M, BT, HAS_S, G_FLOOR)
+        b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), HS, M, BT, HAS_S,
+                                               G_FLOOR)
         go = True
         if PATH == DECAY_FACTORED:
             go = flag_unsafe(unsafe, i_b * H + i_h, b_gc, SAFE2)
         if go:
             bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
-                           b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, HS, G, K, V, M,
+                           b_gc, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, HS, G, K, V, M,
                            BT, BK, BV, BM, CHAIN, G_FLOOR, SAFE2, LOWP, LOWP_KV, DOT, PATH)
 
 
 @triton.jit
 def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
-                   b_gc, b_glast, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
+                   b_gc, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                    CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
                    LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
     """nha_bwd_slot_kernel's work for chunk i_c of sequence i_n and KV head i_h, its gates
-    (Gc, Gc_last, S) loaded, decays by PATH. HQ, H: the launch's heads, HS * G, HS the inputs'."""
+    (Gc, the gates G2, S) loaded, decays by PATH. HQ, H: the launch's heads, HS * G, HS the inputs'."""
     HQS: tl.constexpr = HS * G
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = i_c * BT + tl.arange(0, BT)
@@ -353,7 +354,7 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
-    b_dec = tl.exp2(b_glast[None, :] - b_gc)                                                     # [BT, BM]
+    b_dec = tl.exp2(gates_to_end(g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, G_FLOOR))            # [BT, BM]
     b_wend = _op(b_sx * b_dec, LOWP_KV)
     b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP_KV)), input_precision=DOT)                 # [BT, BK]
     b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP_KV), input_precision=DOT)                           # [BT, BV]
@@ -373,15 +374,15 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
         b_x1 += tl.load(x1_buf + o_tm, mask=m_tm, other=0.0).to(tl.float32)
         # readouts at t >= j inside the chunk
         b_a = tl.dot(b_qs, tl.trans(_op(b_ks, LOWP)), input_precision=DOT)                      # [BT, BT]
-        b_ds += decay_apply_t(b_a, b_dls, b_gc, BT, SAFE2, LOWP, DOT, PATH) * scale
+        b_ds += decay_apply_t(b_a, b_dls, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH) * scale
         b_a = tl.dot(b_do, tl.trans(_op(b_vs, LOWP)), input_precision=DOT)
-        b_ds += decay_apply_t(b_a, b_ps, b_gc, BT, SAFE2, LOWP, DOT, PATH)
-        b_w = decay_weights(b_dls, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, PATH)                          # [BT(t), BT(j)]
+        b_ds += decay_apply_t(b_a, b_ps, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH)
+        b_w = decay_weights(b_dls, b_sx, b_gc, b_g2, BT, SAFE2, LOWP_KV, DOT, PATH)                          # [BT(t), BT(j)]
         if LOWP_KV != LOWP:
             b_qs = _op(b_qs, LOWP_KV)
             b_do = _op(b_do, LOWP_KV)
         b_dks += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_qs, input_precision=DOT) * scale
-        b_w = decay_weights(b_ps, b_sx, b_gc, BT, SAFE2, LOWP_KV, DOT, PATH)
+        b_w = decay_weights(b_ps, b_sx, b_gc, b_g2, BT, SAFE2, LOWP_KV, DOT, PATH)
         b_dvs += tl.dot(tl.trans(_op(b_w, LOWP_KV)), b_do, input_precision=DOT)
 
     # gate: dGt[p] = sum_{p' >= p} (X1 - S dS)[p'], the part beyond this chunk is <dH_end, H_next>

@@ -81,6 +81,10 @@ BWD_CHAIN_DERIVED_S = True
 # masked loop over every block of the band.
 WINDOW_SPLIT = True
 
+# The masked window blocks' masks on int32 offsets from the query block's first row, the band
+# as one unsigned compare (0 <= row - key < min(W, T_n)); False: int64 positions, three compares.
+WINDOW_MASK_I32 = True
+
 # Register cap of nha_fwd_kernel for heads up to 64 wide (Triton's ``maxnreg``; None: ptxas
 # decides). Uncapped, the kernel holds 185 registers at gpu-a, so only two 4-warp programs share
 # an SM: ncu (H200, 2026-12-03) measured 12.5% occupancy, register-limited, and 1.67 instructions

@@ -120,8 +120,8 @@ def derive_s(b_g):
 def load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
                HAS_S: tl.constexpr, G_FLOOR: tl.constexpr):
     """Shifted gates of chunk i_c for the slots o_m: (Gc [BT, BM] chunk-local cumsum in log2
-    units, Gc_last [BM] its total, S [BT, BM] fp32). Positions without a token (p < W, p >= T_n)
-    are identity tokens: gate 0, write 0."""
+    units, Gc_last [BM] its total, S [BT, BM] fp32, the gates themselves [BT, BM] in log2 units).
+    Positions without a token (p < W, p >= T_n) are identity tokens: gate 0, write 0."""
     o_p = i_c * BT + tl.arange(0, BT)
     o_j = o_p - W
     m_p = o_p < T_n
@@ -138,16 +138,45 @@ def load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexp
     # rows past the sequence end repeat the lowest cumsum, so no decay from a real token to them
     # exceeds 1 (their products are discarded, but inf * 0 would make NaN inside the tile)
     b_gc = tl.where(m_p[:, None], b_gc, tl.min(b_gc, 0)[None, :])
-    return b_gc, tl.sum(b_g2, 0), b_s
+    return b_gc, tl.sum(b_g2, 0), b_s, b_g2
+
+
+@triton.jit
+def gates_to_end(g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+                 G_FLOOR: tl.constexpr):
+    """[BT, BM] log2 decay from each shifted row of chunk i_c to the chunk's end, sum_{i>j} g_i:
+    the rows after each one (loaded again, L1-hot) summed by a reverse cumsum. Taken as
+    Gc_last - Gc[j] instead, it would inherit the rounding of two sums as large as the whole
+    chunk's (-3000 in log2 after ten resets, 2.4e-4 apart in float32)."""
+    o_r = tl.arange(0, BT) + 1
+    o_p = i_c * BT + o_r
+    o_j = o_p - W
+    m_j = (o_r < BT) & (o_p < T_n) & (o_j >= 0)
+    m_jm = m_j[:, None] & (o_m < M)[None, :]
+    b_g = tl.maximum(tl.load(g + ((bos + o_j)[:, None] * H + i_h) * M + o_m[None, :], mask=m_jm,
+                             other=0.0).to(tl.float32), G_FLOOR)
+    return tl.cumsum(b_g * 1.4426950408889634, 0, reverse=True)
 
 
 # ----------------------------------------------------------------------------------------------
 # Intra-chunk decayed contractions, D[t,j,m] = 2^(Gc[t,m] - Gc[j,m]) for j <= t, else 0 (Gc in
 # log2 units; SAFE2 = SAFE_LIMIT * log2(e)). PATH picks how: DECAY_ANY factored when _is_safe
-# says so at run time, else pair by pair; DECAY_FACTORED / DECAY_PAIRWISE one way only (the
+# says so at run time, else pair by pair (from the gates G2, segment_decay); DECAY_FACTORED / DECAY_PAIRWISE one way only (the
 # caller has checked), so the other path's code and registers are not in the kernel.
 # ----------------------------------------------------------------------------------------------
 DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def segment_decay(b_seg, b_g2, j, BT: tl.constexpr):
+    """One step of the pairwise path, which visits j = BT-1 .. 0: Seg [BT, BM] from the step
+    before (sum_{j+1<i<=t} g_i) to sum_{j<i<=t} g_i, and D[t, j, :] = 2^Seg (0 for t < j). G2:
+    the gates (log2 units). Each segment is summed from its own gates, in order: Gc[t] - Gc[j]
+    would lose the digits that two cumsums as large as the chunk's (thousands after resets) drop."""
+    o_r = tl.arange(0, BT)
+    b_gn = tl.sum(tl.where(o_r[:, None] == j + 1, b_g2, 0.0), 0)      # [BM] gate j+1 (0 past the chunk)
+    b_seg = tl.where(o_r[:, None] > j, b_seg + b_gn[None, :], 0.0)
+    return b_seg, tl.exp2(tl.where(o_r[:, None] >= j, b_seg, float("-inf")))
 
 
 # nha_fwd_kernel runs twice: PATH = DECAY_FACTORED for every chunk whose decays factor, flagging
@@ -173,7 +202,7 @@ def flag_unsafe(unsafe, i_flag, b_gc, SAFE2: tl.constexpr):
 
 
 @triton.jit
-def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+def decay_apply(b_a, b_x, b_gc, b_g2, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
                 PATH: tl.constexpr):
     """R[t,m] = sum_{j<=t} A[t,j] X[j,m] D[t,j,m].   A [BT,BT], X and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
@@ -187,17 +216,18 @@ def decay_apply(b_a, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.
                      input_precision=DOT) * tl.exp2(b_gc)
     else:
         b_r = tl.zeros(b_x.shape, dtype=tl.float32)
-        for j in range(BT):
+        b_seg = tl.zeros(b_x.shape, dtype=tl.float32)
+        for jj in range(BT):
+            j = BT - 1 - jj
+            b_seg, b_d = segment_decay(b_seg, b_g2, j, BT)
             b_aj = tl.sum(tl.where(o_r[None, :] == j, b_a, 0.0), 1)       # [BT] column j of A
             b_xj = tl.sum(tl.where(o_r[:, None] == j, b_x, 0.0), 0)       # [BM] row j of X
-            b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_r += b_aj[:, None] * b_xj[None, :] * b_d
     return b_r
 
 
 @triton.jit
-def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+def decay_apply_t(b_a, b_y, b_gc, b_g2, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
                   PATH: tl.constexpr):
     """R[j,m] = sum_{t>=j} A[t,j] Y[t,m] D[t,j,m].   A [BT,BT], Y and Gc [BT,BM] -> [BT,BM]."""
     o_r = tl.arange(0, BT)
@@ -211,17 +241,18 @@ def decay_apply_t(b_a, b_y, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: t
                      input_precision=DOT) * tl.exp2(-b_gc)
     else:
         b_r = tl.zeros(b_y.shape, dtype=tl.float32)
-        for j in range(BT):
+        b_seg = tl.zeros(b_y.shape, dtype=tl.float32)
+        for jj in range(BT):
+            j = BT - 1 - jj
+            b_seg, b_d = segment_decay(b_seg, b_g2, j, BT)
             b_aj = tl.sum(tl.where(o_r[None, :] == j, b_a, 0.0), 1)       # [BT] column j of A
-            b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_rj = tl.sum(b_aj[:, None] * b_y * b_d, 0)                   # [BM]
             b_r += tl.where(o_r[:, None] == j, b_rj[None, :], 0.0)
     return b_r
 
 
 @triton.jit
-def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
+def decay_weights(b_y, b_x, b_gc, b_g2, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr,
                   PATH: tl.constexpr):
     """P[t,j] = sum_m Y[t,m] X[j,m] D[t,j,m] for j <= t.   Y, X, Gc [BT,BM] -> [BT,BT]."""
     o_r = tl.arange(0, BT)
@@ -236,10 +267,11 @@ def decay_weights(b_y, b_x, b_gc, BT: tl.constexpr, SAFE2: tl.constexpr, LOWP: t
         b_w = tl.where(m_c, b_w, 0.0)
     else:
         b_w = tl.zeros([BT, BT], dtype=tl.float32)
-        for j in range(BT):
+        b_seg = tl.zeros(b_x.shape, dtype=tl.float32)
+        for jj in range(BT):
+            j = BT - 1 - jj
+            b_seg, b_d = segment_decay(b_seg, b_g2, j, BT)
             b_xj = tl.sum(tl.where(o_r[:, None] == j, b_x, 0.0), 0)       # [BM]
-            b_gj = tl.sum(tl.where(o_r[:, None] == j, b_gc, 0.0), 0)      # [BM]
-            b_d = tl.exp2(tl.where(o_r[:, None] >= j, b_gc - b_gj[None, :], float("-inf")))
             b_wj = tl.sum(b_y * b_xj[None, :] * b_d, 1)                   # [BT]
             b_w += tl.where(o_r[None, :] == j, b_wj[:, None], 0.0)
     return b_w
@@ -254,10 +286,10 @@ def fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, K
                      HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr):
     """What chunk i_c does to the slots o_m: state_end = a * state_start + (Lk, Lv) with
     a = 2^Gc_last [BM] (<= 1), Lk = Ks^T W [BK, BM], Lv = W^T Vs [BM, BV], W = S 2^(Gc_last - Gc)."""
-    b_gc, b_glast, b_s = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
+    b_gc, b_glast, b_s, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
     # 2^(Gc_last - Gc[j]) <= 1: the decay from token j to the chunk end
-    b_w = _op(b_s * tl.exp2(b_glast[None, :] - b_gc), LOWP)                                     # [BT, BM]
+    b_w = _op(b_s * tl.exp2(gates_to_end(g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, G_FLOOR)), LOWP)  # [BT, BM]
     b_lk = tl.dot(tl.trans(_op(b_ks, LOWP)), b_w, input_precision=DOT)                          # [BK, BM]
     b_lv = tl.dot(tl.trans(b_w), _op(b_vs, LOWP), input_precision=DOT)                          # [BM, BV]
     return tl.exp2(b_glast), b_lk, b_lv
@@ -469,19 +501,24 @@ def load_states(hk_c, hv_c, i_state, K: tl.constexpr, V: tl.constexpr, M: tl.con
 # One window key block of the online softmax
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
+def window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
                  HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                 BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr,
-                 DOT: tl.constexpr):
-    """Keys i_s .. i_s+BS (row strides HK = H*K, HV = H*V) into (m, l, acc) [BT],[BT],[BT,BV],
-    log2 units. MASK=False: every key of the block is in every row's band (no masking)."""
+                 BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr,
+                 MASK32: tl.constexpr, DOT: tl.constexpr):
+    """Keys i_s .. i_s+BS (row strides HK = H*K, HV = H*V) of the query rows t0 .. t0+BT into
+    (m, l, acc) [BT],[BT],[BT,BV], log2 units. MASK=False: every key of the block is in every
+    row's band (no masking). MASK32 (configs.WINDOW_MASK_I32): the masks on int32 offsets from t0."""
     o_s = i_s + tl.arange(0, BS)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     p_ks = p_k + o_s[:, None] * HK + o_k[None, :]
     p_vs = p_v + o_s[:, None] * HV + o_v[None, :]
-    if MASK:
+    if MASK32:
+        k_rel = (i_s - t0).to(tl.int32) + tl.arange(0, BS)      # keys relative to the first query row
+        m_s = k_rel < (T_n - t0).to(tl.int32)
+    else:
         m_s = o_s < T_n
+    if MASK:
         b_k = tl.load(p_ks, mask=m_s[:, None] & (o_k < K)[None, :], other=0.0)           # [BS, BK]
         b_v = tl.load(p_vs, mask=m_s[:, None] & (o_v < V)[None, :], other=0.0)           # [BS, BV]
     else:
@@ -495,7 +532,14 @@ def window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
             b_v = tl.load(p_vs, mask=(o_v < V)[None, :], other=0.0)
     b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk2                            # [BT, BS]
     if MASK:
-        m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & (o_s < T_n)[None, :]
+        if MASK32:
+            # 0 <= row - key < W in one unsigned compare; a key past the sequence end comes after
+            # every row of it (negative lag), and min(W, T_n) keeps the bound inside uint32
+            lag = (tl.arange(0, BT)[:, None] - k_rel[None, :]).to(tl.uint32, bitcast=True)
+            m_band = lag < tl.minimum(W, T_n).to(tl.uint32)
+        else:
+            o_t = t0 + tl.arange(0, BT)
+            m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & m_s[None, :]
         b_sc = tl.where(m_band, b_sc, float("-inf"))
     b_mn = tl.maximum(b_mi, tl.max(b_sc, 1))
     if MASK:
@@ -520,7 +564,7 @@ def window_ranges(t0, T_n, W, BT: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2,
+def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2,
                  HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                  SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
@@ -545,7 +589,7 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h
                  input_precision=DOT)                                                          # [BT, BT]
     b_ls = tl.dot(b_qs, _op(load_matrix(hk_c + i_state * K * M, K, M, BK, BM), LOWP), input_precision=DOT)
     if PATH == DECAY_PAIRWISE:
-        b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, BT, SAFE2, LOWP, DOT, PATH)) * qk2
+        b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH)) * qk2
     else:
         b_ls = tl.dot(_op(tl.where(m_c, b_a, 0.0), LOWP), b_sw, acc=b_ls, input_precision=DOT) * b_eg * qk2
     if M < BM:
@@ -555,7 +599,7 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h
     b_li = tl.sum(b_p, 1)
     b_pe = _op(b_p * b_eg, LOWP)                                                             # [BT, BM]
     if PATH == DECAY_PAIRWISE:
-        b_pw = decay_weights(b_p, b_sx, b_gc, BT, SAFE2, LOWP, DOT, PATH)
+        b_pw = decay_weights(b_p, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH)
     else:
         b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)         # [BT, BT]
     b_acc = tl.dot(b_pe, _op(load_matrix(hv_c + i_state * M * V, M, V, BM, BV), LOWP), input_precision=DOT)
@@ -568,7 +612,8 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h
 def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq, W, T_lse,
                      qk2, HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
+                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
+                     MASK32: tl.constexpr):
     """Walks the window key blocks of the query rows t0 .. t0+BT from the online-softmax state
     (m, l, acc), then writes o and lse once."""
     o_k = tl.arange(0, BK)
@@ -581,18 +626,18 @@ def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n
         lo, a, b0, b1, c, hi = window_ranges(t0, T_n, W, BT, BS)
         if SPLIT:
             for i_s in range(lo, a, BS):
-                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
             for i_s in range(b0, b1, BS):
-                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BS, BK, BV, False, DOT)
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, False, MASK32, DOT)
             for i_s in range(c, hi, BS):
-                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
         else:
             for i_s in range(lo, hi, BS):
-                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, o_t, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BS, BK, BV, True, DOT)
+                b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
     b_ok = b_li > 0
     b_o = b_acc / tl.where(b_ok, b_li, 1.0)[:, None]
     b_lse = tl.where(b_ok, (b_mi + tl.log2(tl.where(b_ok, b_li, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -612,7 +657,8 @@ def nha_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
-    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
+    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, MASK32: tl.constexpr,
+    PATH: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
     slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ])."""
@@ -630,22 +676,23 @@ def nha_fwd_kernel(
         qk2 = scale * 1.4426950408889634        # logits in log2 units: exp2 instead of exp
         if HAS_SLOTS:
             i_state = (tl.load(chunk_off + i_n).to(tl.int64) + i_c) * H + i_h
-            b_gc, b_glast, b_sx = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S, G_FLOOR)
+            b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S,
+                                                   G_FLOOR)
             go = True
             if PATH == DECAY_FACTORED:
                 go = flag_unsafe(unsafe, i_b * HQ + i_hq, b_gc, SAFE2)
             if go:
-                b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
+                b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
                                                  i_hq, i_state, W, qk2, HQ, H, K, V, M, BT, BK, BV, BM,
                                                  SAFE2, LOWP, DOT, PATH)
                 window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
-                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
+                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT, MASK32)
         else:
             b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
             b_li = tl.zeros([BT], dtype=tl.float32)
             b_acc = tl.zeros([BT, BV], dtype=tl.float32)
             window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
-                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
+                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT, MASK32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -819,7 +866,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                 block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
-                dot_precision(p), configs.WINDOW_SPLIT, path,
+                dot_precision(p), configs.WINDOW_SPLIT, configs.WINDOW_MASK_I32, path,
                 num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
                 maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
