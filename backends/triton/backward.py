@@ -45,7 +45,7 @@ import triton.language as tl
 
 from . import configs
 from .forward import (DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE, OP_BF16, TWO_LAUNCHES, _op, block_span, chunk_states, decay_apply, decay_apply_t, decay_weights, dot_precision, flag_unsafe, flat,
-                      gates_to_end, load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
+                      decay_to_end, load_gates, load_slot_rows, load_states, lowp, nha_state_scan_kernel, operand_mode, plan, safe2,
                       scan_grid, sequence_span, state_pass, store_chunk_row, window_ranges)
 
 
@@ -354,7 +354,7 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
-    b_dec = tl.exp2(gates_to_end(g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, G_FLOOR))            # [BT, BM]
+    b_dec = tl.exp2(decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, G_FLOOR, SAFE2, PATH))
     b_wend = _op(b_sx * b_dec, LOWP_KV)
     b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP_KV)), input_precision=DOT)                 # [BT, BK]
     b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP_KV), input_precision=DOT)                           # [BT, BV]
