@@ -14,7 +14,6 @@
 #   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS "bf16": the walk's GPU tests, then timed at gpu-a
 #   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests with it off, both timed
 #   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS: the forward GPU tests under "scan", walk / scan / auto timed
-#   bash asv_bench/gpu_session.sh window-mask  # configs.WINDOW_MASK_I32 on and off, forward timed at gpu-a and gpu-a64
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh ncu-fwd   # Nsight Compute on the forward kernels at gpu-a (details, CuPy's per-SASS stalls)
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
@@ -121,14 +120,6 @@ for step in "$@"; do
         timeout 120 python3 asv_bench/tune_gpu.py --backend cupy --shape $sh --modes forward --out /tmp/cupy_scan_$sh \
           --variant walk:MMA_STATE_PASS=\'walk\' --variant scan:MMA_STATE_PASS=\'scan\' --variant auto: > "$OUT/cupy_scan_$sh.log" 2>&1
         grep -A4 "^variant" "$OUT/cupy_scan_$sh.log"
-      done ;;
-    window-mask)   # configs.WINDOW_MASK_I32: the forward at gpu-a and gpu-a64 with the masked window blocks on
-      # int32 offsets and one unsigned band compare, against int64 positions, in one process per shape
-      for sh in gpu-a gpu-a64; do
-        timeout ${NHA_STEP_TIMEOUT_S:-200} python3 asv_bench/tune_gpu.py --backend triton --shape $sh --modes forward \
-          --out /tmp/window_mask_$sh --no-check --variant i32: --variant i64:WINDOW_MASK_I32=False --variant i32-again: \
-          > "$OUT/window_mask_$sh.log" 2>&1
-        grep -A4 "^variant" "$OUT/window_mask_$sh.log"
       done ;;
     profile)   # whole-call times and per-kernel split (asv_bench/tune_gpu.py)
       { timeout 150 python3 asv_bench/tune_gpu.py --backend triton --shape gpu-a --modes forward,backward --out "$OUT"

@@ -21,7 +21,9 @@ FEATURES = ALL_FEATURES
 
 # Gates are clamped from below at G_FLOOR before any cumsum: exp(-200) is exactly 0 in float32
 # (it underflows below the smallest subnormal, ~exp(-103)), so the clamp changes no result, but it
-# keeps every cumsum finite, so segment sums are differences of finite numbers (never -inf - -inf).
+# keeps every cumsum finite (never -inf - -inf in Gc_last - Gc or in the factored exponents).
+# Segment sums across large gates are summed in order, not taken as differences of cumsums
+# (forward.segment_decay, decay_to_end): -288 per clamped gate leaves float32 cumsums of thousands.
 G_FLOOR = -200.0
 # The intra-chunk slot terms use the factored decay exp(Gc[t]) * exp(-Gc[j]) (two dots on tensor
 # cores) when every chunk cumsum lies in [-SAFE_LIMIT, SAFE_LIMIT] (natural-log units):
@@ -80,10 +82,6 @@ BWD_CHAIN_DERIVED_S = True
 # Forward window loop in three parts (masked, full blocks without masks, masked) instead of one
 # masked loop over every block of the band.
 WINDOW_SPLIT = True
-
-# The masked window blocks' masks on int32 offsets from the query block's first row, the band
-# as one unsigned compare (0 <= row - key < min(W, T_n)); False: int64 positions, three compares.
-WINDOW_MASK_I32 = True
 
 # Register cap of nha_fwd_kernel for heads up to 64 wide (Triton's ``maxnreg``; None: ptxas
 # decides). Uncapped, the kernel holds 185 registers at gpu-a, so only two 4-warp programs share

@@ -527,21 +527,20 @@ def load_states(hk_c, hv_c, i_state, K: tl.constexpr, V: tl.constexpr, M: tl.con
 def window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
                  HK: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                  BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, MASK: tl.constexpr,
-                 MASK32: tl.constexpr, DOT: tl.constexpr):
+                 DOT: tl.constexpr):
     """Keys i_s .. i_s+BS (row strides HK = H*K, HV = H*V) of the query rows t0 .. t0+BT into
     (m, l, acc) [BT],[BT],[BT,BV], log2 units. MASK=False: every key of the block is in every
-    row's band (no masking). MASK32 (configs.WINDOW_MASK_I32): the masks on int32 offsets from t0."""
+    row's band (no masking). Masks compare int32 offsets from t0, the band in one unsigned
+    compare: nha_fwd_kernel 0.485 -> 0.453 ms at gpu-a against int64 positions and three compares
+    (H200, 2026-12-04; asv_bench/triton_tuning_notes.md)."""
     o_s = i_s + tl.arange(0, BS)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
     p_ks = p_k + o_s[:, None] * HK + o_k[None, :]
     p_vs = p_v + o_s[:, None] * HV + o_v[None, :]
-    if MASK32:
+    if MASK:
         k_rel = (i_s - t0).to(tl.int32) + tl.arange(0, BS)      # keys relative to the first query row
         m_s = k_rel < (T_n - t0).to(tl.int32)
-    else:
-        m_s = o_s < T_n
-    if MASK:
         b_k = tl.load(p_ks, mask=m_s[:, None] & (o_k < K)[None, :], other=0.0)           # [BS, BK]
         b_v = tl.load(p_vs, mask=m_s[:, None] & (o_v < V)[None, :], other=0.0)           # [BS, BV]
     else:
@@ -555,14 +554,10 @@ def window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
             b_v = tl.load(p_vs, mask=(o_v < V)[None, :], other=0.0)
     b_sc = tl.dot(b_q, tl.trans(b_k), input_precision=DOT) * qk2                            # [BT, BS]
     if MASK:
-        if MASK32:
-            # 0 <= row - key < W in one unsigned compare; a key past the sequence end comes after
-            # every row of it (negative lag), and min(W, T_n) keeps the bound inside uint32
-            lag = (tl.arange(0, BT)[:, None] - k_rel[None, :]).to(tl.uint32, bitcast=True)
-            m_band = lag < tl.minimum(W, T_n).to(tl.uint32)
-        else:
-            o_t = t0 + tl.arange(0, BT)
-            m_band = (o_s[None, :] <= o_t[:, None]) & (o_s[None, :] > o_t[:, None] - W) & m_s[None, :]
+        # 0 <= row - key < W in one unsigned compare; a key past the sequence end comes after
+        # every row of it (negative lag), and min(W, T_n) keeps the bound inside uint32
+        lag = (tl.arange(0, BT)[:, None] - k_rel[None, :]).to(tl.uint32, bitcast=True)
+        m_band = lag < tl.minimum(W, T_n).to(tl.uint32)
         b_sc = tl.where(m_band, b_sc, float("-inf"))
     b_mn = tl.maximum(b_mi, tl.max(b_sc, 1))
     if MASK:
@@ -635,8 +630,7 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_
 def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq, W, T_lse,
                      qk2, HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr,
-                     MASK32: tl.constexpr):
+                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Walks the window key blocks of the query rows t0 .. t0+BT from the online-softmax state
     (m, l, acc), then writes o and lse once."""
     o_k = tl.arange(0, BK)
@@ -650,17 +644,17 @@ def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n
         if SPLIT:
             for i_s in range(lo, a, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, DOT)
             for i_s in range(b0, b1, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BT, BS, BK, BV, False, MASK32, DOT)
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, False, DOT)
             for i_s in range(c, hi, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, DOT)
         else:
             for i_s in range(lo, hi, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
-                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, MASK32, DOT)
+                                                 H * K, H * V, K, V, BT, BS, BK, BV, True, DOT)
     b_ok = b_li > 0
     b_o = b_acc / tl.where(b_ok, b_li, 1.0)[:, None]
     b_lse = tl.where(b_ok, (b_mi + tl.log2(tl.where(b_ok, b_li, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -680,8 +674,7 @@ def nha_fwd_kernel(
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
-    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, MASK32: tl.constexpr,
-    PATH: tl.constexpr,
+    SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
     slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ])."""
@@ -709,13 +702,13 @@ def nha_fwd_kernel(
                                                  i_hq, i_state, W, qk2, HQ, H, K, V, M, BT, BK, BV, BM,
                                                  SAFE2, LOWP, DOT, PATH)
                 window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
-                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT, MASK32)
+                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
         else:
             b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
             b_li = tl.zeros([BT], dtype=tl.float32)
             b_acc = tl.zeros([BT, BV], dtype=tl.float32)
             window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
-                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT, MASK32)
+                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -889,7 +882,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                 block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
-                dot_precision(p), configs.WINDOW_SPLIT, configs.WINDOW_MASK_I32, path,
+                dot_precision(p), configs.WINDOW_SPLIT, path,
                 num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
                 maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
