@@ -164,7 +164,7 @@ def decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: 
     """[BT, BM] log2 decay from each row of chunk i_c to its end: Gc_last - Gc[j] where the chunk's
     decays factor (every |Gc| <= SAFE2, so the two sums differ by a few float32 ulps of SAFE2),
     else gates_to_end. The extra load and scan of gates_to_end sit on the chunk-state walk's
-    dependent chain: taken for every chunk they made the walk 0.214 -> 0.364 ms at gpu-a (H200)."""
+    dependent chain: taken for every chunk they made the walk 0.214 -> 0.365 ms at gpu-a (H200)."""
     b_glast = tl.sum(b_g2, 0)
     if PATH == DECAY_ANY:
         # gates are <= 0, so Gc is lowest at the chunk's end: the chunk factors iff every
@@ -182,8 +182,9 @@ def decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: 
 # ----------------------------------------------------------------------------------------------
 # Intra-chunk decayed contractions, D[t,j,m] = 2^(Gc[t,m] - Gc[j,m]) for j <= t, else 0 (Gc in
 # log2 units; SAFE2 = SAFE_LIMIT * log2(e)). PATH picks how: DECAY_ANY factored when _is_safe
-# says so at run time, else pair by pair (from the gates G2, segment_decay); DECAY_FACTORED / DECAY_PAIRWISE one way only (the
-# caller has checked), so the other path's code and registers are not in the kernel.
+# says so at run time, else pair by pair (segment sums of the gates G2, segment_decay);
+# DECAY_FACTORED / DECAY_PAIRWISE one way only (the caller has checked), so the other path's code
+# and registers are not in the kernel.
 # ----------------------------------------------------------------------------------------------
 DECAY_ANY, DECAY_FACTORED, DECAY_PAIRWISE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
