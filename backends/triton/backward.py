@@ -324,19 +324,19 @@ def nha_bwd_slot_kernel(
             go = flag_unsafe(unsafe, i_b * H + i_h, b_gc, SAFE2)
         if go:
             bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
-                           b_gc, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, HS, G, K, V, M,
+                           b_gc, b_glast, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W, HQ, H, HS, G, K, V, M,
                            BT, BK, BV, BM, CHAIN, G_FLOOR, SAFE2, LOWP, LOWP_KV, DOT, PATH)
 
 
 @triton.jit
 def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf, chunk_off, dks, dvs, ds, dg,
-                   b_gc, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
+                   b_gc, b_glast, b_g2, b_sx, i_n, i_c, bos, T_n, i_h, scale, W,
                    HQ: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
                    CHAIN: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
                    LOWP_KV: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
     """nha_bwd_slot_kernel's work for chunk i_c of sequence i_n and KV head i_h, its gates
-    (Gc, the gates G2, S) loaded, decays by PATH. HQ, H: the launch's heads, HS * G, HS the inputs'."""
+    (Gc, Gc_last, the gates G2, S) loaded, decays by PATH. HQ, H: the launch's heads, HS * G, HS the inputs'."""
     HQS: tl.constexpr = HS * G
     c0 = tl.load(chunk_off + i_n).to(tl.int64)
     o_t = i_c * BT + tl.arange(0, BT)
@@ -354,7 +354,7 @@ def bwd_slot_chunk(qs, ks, v, g, do, carry, dh_k, dh_v, ps_buf, dls_buf, x1_buf,
     # Ks, Vs stay in the input dtype (half the registers of fp32) and are widened at each dot
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, HS, K, V, BT, BK, BV)
     # paths through the states of later chunks: decay from token j to the chunk end, <= 1
-    b_dec = tl.exp2(decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, G_FLOOR, SAFE2, PATH))
+    b_dec = tl.exp2(decay_to_end(b_gc, b_glast, g, bos, T_n, i_c, i_h, W, o_m, HS, M, BT, G_FLOOR, SAFE2, PATH))
     b_wend = _op(b_sx * b_dec, LOWP_KV)
     b_dks = tl.dot(b_wend, tl.trans(_op(b_dhk, LOWP_KV)), input_precision=DOT)                 # [BT, BK]
     b_dvs = tl.dot(b_wend, _op(b_dhv, LOWP_KV), input_precision=DOT)                           # [BT, BV]

@@ -159,13 +159,12 @@ def gates_to_end(g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr
 
 
 @triton.jit
-def decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+def decay_to_end(b_gc, b_glast, g, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
                  G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, PATH: tl.constexpr):
     """[BT, BM] log2 decay from each row of chunk i_c to its end: Gc_last - Gc[j] where the chunk's
     decays factor (every |Gc| <= SAFE2, so the two sums differ by a few float32 ulps of SAFE2),
     else gates_to_end. The extra load and scan of gates_to_end sit on the chunk-state walk's
     dependent chain: taken for every chunk they made the walk 0.214 -> 0.365 ms at gpu-a (H200)."""
-    b_glast = tl.sum(b_g2, 0)
     if PATH == DECAY_ANY:
         # gates are <= 0, so Gc is lowest at the chunk's end: the chunk factors iff every
         # Gc_last >= -SAFE2 (the factored path's own test, _is_safe, also bounds Gc from above)
@@ -312,7 +311,7 @@ def fwd_chunk_update(ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, K
     b_gc, b_glast, b_s, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     b_ks, b_vs = load_slot_rows(ks, v, bos, T_n, i_c, i_h, W, H, K, V, BT, BK, BV)
     # 2^(Gc_last - Gc[j]) <= 1: the decay from token j to the chunk end
-    b_w = _op(b_s * tl.exp2(decay_to_end(b_gc, b_g2, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, G_FLOOR, SAFE2,
+    b_w = _op(b_s * tl.exp2(decay_to_end(b_gc, b_glast, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, G_FLOOR, SAFE2,
                                          DECAY_ANY)), LOWP)                                  # [BT, BM]
     b_lk = tl.dot(tl.trans(_op(b_ks, LOWP)), b_w, input_precision=DOT)                          # [BK, BM]
     b_lv = tl.dot(tl.trans(b_w), _op(b_vs, LOWP), input_precision=DOT)                          # [BM, BV]
