@@ -850,7 +850,6 @@ def nha_fwd_kernel(
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
     SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
     FUSED: tl.constexpr, AHEAD: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    CHAIN_FIRST: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
     slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ]).
@@ -897,10 +896,9 @@ def nha_fwd_kernel(
                     b_a = chain_prepare(ks, v, g, s, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W, H, K, V, M, BT, BK, BV,
                                         BM, HAS_S, G_FLOOR, SAFE2, LOWP, DOT, AHEAD)
                     tl.debug_barrier()      # L in the row before any thread reads it back (chain_link)
-                if not CHAIN_FIRST:
-                    if go:
-                        b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h,
-                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
+                if go:
+                    b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h,
+                                                    i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
                 # the start state of chunk i_c: what the link started from (AHEAD = 0), else row c0 + i_c
                 if AHEAD == 0:
                     if owner:
@@ -921,11 +919,7 @@ def nha_fwd_kernel(
                     b_ms, b_ls, b_accs = slot_softmax(qs, ks, v, b_hk, b_hv, b_gc, b_g2, b_sx,
                                                       r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2, HQ, H, K,
                                                       V, M, BT, BK, BV, BM, SAFE2, LOWP, DOT, PATH, True)
-                    if CHAIN_FIRST:
-                        b_mi, b_li, b_acc = window_part(q, k, v, b_ms, b_ls, b_accs, r_t, m_t, bos, T_n, t0, i_h,
-                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-                    else:
-                        b_mi, b_li, b_acc = merge_softmax(b_mi, b_li, b_acc, b_ms, b_ls, b_accs)
+                    b_mi, b_li, b_acc = merge_softmax(b_mi, b_li, b_acc, b_ms, b_ls, b_accs)
                     store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ, V, BV, IS_VARLEN)
             elif go:
                 b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
@@ -1131,7 +1125,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
                 dot_precision(p), configs.WINDOW_SPLIT, path, in_chain, configs.FWD_CHAIN_AHEAD,
-                hk0 is not None, p.output_final_state, configs.FWD_CHAIN_FIRST,
+                hk0 is not None, p.output_final_state,
                 num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
                 maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
