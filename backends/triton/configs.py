@@ -309,6 +309,7 @@ def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int
 # back and adds the chunks in between itself).
 FWD_STATES = "separate"
 FWD_CHAIN_AHEAD = 1
+FWD_CHAIN_FIRST = False
 
 # nha_state_scan_kernel's tile [SCAN_ROWS, SCAN_WIDTH]: state elements per program (BE) and
 # chunks per step (D); scan_width and scan_rows below say what each does.

@@ -708,9 +708,9 @@ def chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.conste
                V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
                DOT: tl.constexpr):
-    """(a [BM], Hk [BK,BM], Hv [BM,BV]): the decay of chunk i_c and the state after it from the
-    state before it, fwd_chunk_update's a * state + (Lk, Lv) with the decayed state as the dots'
-    accumulators, so no separate Lk, Lv tiles are live."""
+    """The state (Hk [BK,BM], Hv [BM,BV], fp32) after chunk i_c from the state before it:
+    fwd_chunk_update's (a, Lk, Lv) with the decayed state as the dots' accumulators, so no
+    separate Lk, Lv tiles are live."""
     b_gc, b_glast, b_s, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
     b_w = _op(b_s * tl.exp2(decay_to_end(b_gc, b_glast, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, G_FLOOR, SAFE2,
                                          DECAY_ANY)), LOWP)                                  # [BT, BM]
@@ -719,125 +719,69 @@ def chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.conste
                   acc=b_hk * b_a[None, :], input_precision=DOT)                                # [BK, BM]
     b_hv = tl.dot(tl.trans(b_w), _op(load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV), LOWP),
                   acc=b_hv * b_a[:, None], input_precision=DOT)                                # [BM, BV]
-    return b_a, b_hk, b_hv
-
-
-@triton.jit
-def chain_prepare(ks, v, g, s, pre_k, pre_v, bos, T_n, i_c, c0, i_h, W, H: tl.constexpr, K: tl.constexpr,
-                  V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  BM: tl.constexpr, HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr,
-                  LOWP: tl.constexpr, DOT: tl.constexpr, AHEAD: tl.constexpr):
-    """First half of a chain link (configs.FWD_STATES "fused"; chain_link says what the chain
-    is): what chunks max(i_c - AHEAD, 0) .. i_c do to the state, state -> A state + L. L [fp32]
-    goes to the row this program will publish (c0 + i_c + 1 of pre_k, pre_v; nobody reads it
-    before its flag is set), so it is not held in registers through the window; returns A [BM]."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    b_a = tl.full([BM], 1.0, dtype=tl.float32)
-    b_lk = tl.zeros([BK, BM], dtype=tl.float32)
-    b_lv = tl.zeros([BM, BV], dtype=tl.float32)
-    for r in tl.range(tl.maximum(i_c - AHEAD, 0), i_c + 1, num_stages=1):
-        b_ar, b_lk, b_lv = chain_step(b_lk, b_lv, ks, v, g, s, bos, T_n, r, i_h, W, o_m, H, K, V, M, BT, BK, BV,
-                                      HAS_S, G_FLOOR, SAFE2, LOWP, DOT)
-        b_a *= b_ar
-    i_row = (c0 + i_c + 1) * H + i_h
-    tl.store(pre_k + i_row * K * M + o_k[:, None] * M + o_m[None, :], b_lk,
-             mask=(o_k < K)[:, None] & (o_m < M)[None, :])
-    tl.store(pre_v + i_row * M * V + o_m[:, None] * V + o_v[None, :], b_lv,
-             mask=(o_m < M)[:, None] & (o_v < V)[None, :])
-    return b_a
-
-
-@triton.jit
-def state_tile(h0, pre, i_n, i_h, c0, r, H: tl.constexpr, R: tl.constexpr, C: tl.constexpr, BR: tl.constexpr,
-               BC: tl.constexpr, HAS_H0: tl.constexpr, LOWP: tl.constexpr):
-    """One of the chain's states at the start of chunk r ([BR, BC] of Hk [K,M] or Hv [M,V]) as a
-    dot operand of mode LOWP: h0 (or 0) for r = 0, else row c0 + r of pre (the caller has
-    waited for its flag). .cg loads: from L2, where the writer's stores went."""
-    o_r = tl.arange(0, BR)
-    o_c = tl.arange(0, BC)
-    m_rc = (o_r < R)[:, None] & (o_c < C)[None, :]
-    o_rc = o_r[:, None] * C + o_c[None, :]
-    b_h = tl.zeros([BR, BC], dtype=tl.float32)
-    if r == 0:
-        if HAS_H0:
-            b_h += tl.load(h0 + (i_n * H + i_h) * R * C + o_rc, mask=m_rc, other=0.0)
-    else:
-        b_h += tl.load(pre + ((c0 + r) * H + i_h) * R * C + o_rc, mask=m_rc, other=0.0, cache_modifier=".cg")
-    return _op(b_h, LOWP)
-
-
-@triton.jit
-def link_tile(b_a, h0, pre, h_t, i_n, i_h, c0, r_in, i_c, last, H: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-              BR: tl.constexpr, BC: tl.constexpr, A_ROWS: tl.constexpr, HAS_H0: tl.constexpr,
-              STORE_FINAL: tl.constexpr, LOWP: tl.constexpr):
-    """chain_link for one of Hk [K,M] (the slots along columns) or Hv [M,V] (A_ROWS: along rows):
-    row c0 + i_c + 1 := A * (state at chunk r_in) + L (L: what chain_prepare left in that row).
-    Returns the state at chunk r_in as a dot operand of mode LOWP."""
-    o_r = tl.arange(0, BR)
-    o_c = tl.arange(0, BC)
-    m_rc = (o_r < R)[:, None] & (o_c < C)[None, :]
-    o_rc = o_r[:, None] * C + o_c[None, :]
-    b_h = tl.zeros([BR, BC], dtype=tl.float32)
-    if r_in == 0:
-        if HAS_H0:
-            b_h += tl.load(h0 + (i_n * H + i_h) * R * C + o_rc, mask=m_rc, other=0.0)
-    else:
-        b_h += tl.load(pre + ((c0 + r_in) * H + i_h) * R * C + o_rc, mask=m_rc, other=0.0, cache_modifier=".cg")
-    if i_c == 0:
-        # the state at the first chunk, for the pairwise launch (which reads every chunk's row)
-        tl.store(pre + (c0 * H + i_h) * R * C + o_rc, b_h, mask=m_rc)
-    p_out = pre + ((c0 + i_c + 1) * H + i_h) * R * C + o_rc
-    if A_ROWS:
-        b_n = b_h * b_a[:, None]
-    else:
-        b_n = b_h * b_a[None, :]
-    b_n += tl.load(p_out, mask=m_rc, other=0.0)
-    tl.store(p_out, b_n, mask=m_rc)
-    if STORE_FINAL:
-        if last:
-            tl.store(h_t + (i_n * H + i_h) * R * C + o_rc, b_n, mask=m_rc)
-    return _op(b_h, LOWP)
-
-
-@triton.jit
-def chain_link(b_a, hk0, hv0, pre_k, pre_v, hk_t, hv_t, flags, T_n, i_n, i_c, c0, i_h, H: tl.constexpr,
-               K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-               BV: tl.constexpr, BM: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-               LOWP: tl.constexpr, AHEAD: tl.constexpr):
-    """Second half of a chain link. The chunk states of nha_fwd_kernel's fused launch are a chain
-    the programs hand on: row c0 + r of pre_k [R,H,K,M], pre_v [R,H,M,V] (fp32) holds the state
-    at the start of chunk r of the sequence, and flags[row * H + i_h] says it is there. The owner
-    of chunk i_c (the first query head of its group) publishes row c0 + i_c + 1 from row
-    c0 + i_c - AHEAD (h0 for the first chunks) and chain_prepare's map (A, L) of the chunks in
-    between, so AHEAD + 1 chains interleave and each link is one load, one multiply-add and one
-    store per element (Hk, then Hv). Returns the state the link started from (the start of chunk
-    i_c when AHEAD = 0) as dot operands of mode LOWP."""
-    r_in = tl.maximum(i_c - AHEAD, 0)
-    if r_in > 0:
-        wait_flag(flags + (c0 + r_in) * H + i_h)
-    last = i_c == tl.cdiv(T_n, BT) - 1
-    b_hk = link_tile(b_a, hk0, pre_k, hk_t, i_n, i_h, c0, r_in, i_c, last, H, K, M, BK, BM, False, HAS_H0,
-                     STORE_FINAL, LOWP)
-    b_hv = link_tile(b_a, hv0, pre_v, hv_t, i_n, i_h, c0, r_in, i_c, last, H, M, V, BM, BV, True, HAS_H0,
-                     STORE_FINAL, LOWP)
-    # every thread's stores first, then one release (the pattern of CUTLASS's GenericBarrier)
-    tl.debug_barrier()
-    tl.atomic_xchg(flags + (c0 + i_c + 1) * H + i_h, 1, sem="release")
     return b_hk, b_hv
 
 
 @triton.jit
-def chunk_start_state(hk0, hv0, pre_k, pre_v, flags, i_n, i_h, c0, i_c, H: tl.constexpr, K: tl.constexpr,
-                      V: tl.constexpr, M: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-                      HAS_H0: tl.constexpr, LOWP: tl.constexpr):
-    """The state at the start of chunk i_c (Hk [BK,BM], Hv [BM,BV] as dot operands of mode LOWP)
-    once the chain has published it."""
-    if i_c > 0:
-        wait_flag(flags + (c0 + i_c) * H + i_h)
-    return (state_tile(hk0, pre_k, i_n, i_h, c0, i_c, H, K, M, BK, BM, HAS_H0, LOWP),
-            state_tile(hv0, pre_v, i_n, i_h, c0, i_c, H, M, V, BM, BV, HAS_H0, LOWP))
+def chain_state(ks, v, g, s, hk0, hv0, pre_k, pre_v, hk_t, hv_t, flags, bos, T_n, i_n, i_c, c0, i_h, owner, W,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, HAS_S: tl.constexpr, HAS_H0: tl.constexpr,
+                STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
+                DOT: tl.constexpr, AHEAD: tl.constexpr):
+    """The slot state (Hk [BK,BM], Hv [BM,BV], fp32) at the start of chunk i_c, from the chain
+    of states the programs of nha_fwd_kernel's fused launch (configs.FWD_STATES "fused") hand
+    to each other: row c0 + r of pre_k [R,H,K,M], pre_v [R,H,M,V] (fp32) holds the state at the
+    start of chunk r, and flags[row * H + i_h] says it is there. Chunk i_c starts from row
+    i_c - AHEAD (h0 itself for the first chunks), adds the AHEAD chunks before its own, and its
+    owner (the first query head of the group) publishes the state after its own chunk, row
+    c0 + i_c + 1 (and the final state after the last chunk). So chunk i_c waits on chunk
+    i_c - AHEAD - 1 only: AHEAD + 1 interleaved chains, each chunk's program doing AHEAD extra
+    chunk updates. Every program computes the same states in the same order, so the result
+    does not depend on timing."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
+    o_m = tl.arange(0, BM)
+    m_km = (o_k < K)[:, None] & (o_m < M)[None, :]
+    m_mv = (o_m < M)[:, None] & (o_v < V)[None, :]
+    o_km = o_k[:, None] * M + o_m[None, :]
+    o_mv = o_m[:, None] * V + o_v[None, :]
+    r_in = tl.maximum(i_c - AHEAD, 0)
+    b_hk = tl.zeros([BK, BM], dtype=tl.float32)
+    b_hv = tl.zeros([BM, BV], dtype=tl.float32)
+    if r_in == 0:
+        if HAS_H0:
+            b_hk += tl.load(hk0 + (i_n * H + i_h) * K * M + o_km, mask=m_km, other=0.0)
+            b_hv += tl.load(hv0 + (i_n * H + i_h) * M * V + o_mv, mask=m_mv, other=0.0)
+    else:
+        i_row = (c0 + r_in) * H + i_h
+        wait_flag(flags + i_row)
+        # .cg: from L2, where the writer's stores went (this SM's L1 may hold nothing newer)
+        b_hk += tl.load(pre_k + i_row * K * M + o_km, mask=m_km, other=0.0, cache_modifier=".cg")
+        b_hv += tl.load(pre_v + i_row * M * V + o_mv, mask=m_mv, other=0.0, cache_modifier=".cg")
+    for r in tl.range(r_in, i_c, num_stages=1):
+        b_hk, b_hv = chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, r, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+                                HAS_S, G_FLOOR, SAFE2, LOWP, DOT)
+    # the start state as the slot dots take it (smaller, so it may stay in registers)
+    b_sk = _op(b_hk, LOWP)
+    b_sv = _op(b_hv, LOWP)
+    if owner:
+        if i_c == 0:
+            # the state at the first chunk, for the pairwise launch (which reads every chunk's row)
+            tl.store(pre_k + (c0 * H + i_h) * K * M + o_km, b_hk, mask=m_km)
+            tl.store(pre_v + (c0 * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
+        b_hk, b_hv = chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
+                                HAS_S, G_FLOOR, SAFE2, LOWP, DOT)
+        i_row = (c0 + i_c + 1) * H + i_h
+        tl.store(pre_k + i_row * K * M + o_km, b_hk, mask=m_km)
+        tl.store(pre_v + i_row * M * V + o_mv, b_hv, mask=m_mv)
+        if STORE_FINAL:
+            if i_c == tl.cdiv(T_n, BT) - 1:
+                tl.store(hk_t + (i_n * H + i_h) * K * M + o_km, b_hk, mask=m_km)
+                tl.store(hv_t + (i_n * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
+        # every thread's stores first, then one release (the pattern of CUTLASS's GenericBarrier)
+        tl.debug_barrier()
+        tl.atomic_xchg(flags + i_row, 1, sem="release")
+    return b_sk, b_sv
 
 
 @triton.jit
@@ -850,6 +794,7 @@ def nha_fwd_kernel(
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
     SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
     FUSED: tl.constexpr, AHEAD: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
+    CHAIN_FIRST: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
     slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ]).
@@ -890,36 +835,24 @@ def nha_fwd_kernel(
             if PATH == DECAY_FACTORED:
                 go = flag_unsafe(unsafe, i_b * HQ + i_hq, b_gc, SAFE2)
             if FUSED:
-                owner = i_hq % G == 0
-                b_a = tl.full([BM], 1.0, dtype=tl.float32)
-                if owner:
-                    b_a = chain_prepare(ks, v, g, s, hk_c, hv_c, bos, T_n, i_c, c0, i_h, W, H, K, V, M, BT, BK, BV,
-                                        BM, HAS_S, G_FLOOR, SAFE2, LOWP, DOT, AHEAD)
-                    tl.debug_barrier()      # L in the row before any thread reads it back (chain_link)
-                if go:
-                    b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h,
-                                                    i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-                # the start state of chunk i_c: what the link started from (AHEAD = 0), else row c0 + i_c
-                if AHEAD == 0:
-                    if owner:
-                        b_hk, b_hv = chain_link(b_a, hk0, hv0, hk_c, hv_c, hk_t, hv_t, sync + 1, T_n, i_n, i_c, c0,
-                                                i_h, H, K, V, M, BT, BK, BV, BM, HAS_H0, STORE_FINAL, LOWP, AHEAD)
-                    else:
-                        b_hk, b_hv = chunk_start_state(hk0, hv0, hk_c, hv_c, sync + 1, i_n, i_h, c0, i_c, H, K, V, M,
-                                                       BK, BV, BM, HAS_H0, LOWP)
-                else:
-                    if owner:
-                        chain_link(b_a, hk0, hv0, hk_c, hv_c, hk_t, hv_t, sync + 1, T_n, i_n, i_c, c0, i_h,
-                                   H, K, V, M, BT, BK, BV, BM, HAS_H0, STORE_FINAL, LOWP, AHEAD)
-                    b_hk, b_hv = chunk_start_state(hk0, hv0, hk_c, hv_c, sync + 1, i_n, i_h, c0, i_c, H, K, V, M,
-                                                   BK, BV, BM, HAS_H0, LOWP)
+                if not CHAIN_FIRST:
+                    if go:
+                        b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h,
+                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
+                b_hk, b_hv = chain_state(ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, sync + 1, bos, T_n, i_n, i_c,
+                                         c0, i_h, i_hq % G == 0, W, H, K, V, M, BT, BK, BV, BM, HAS_S, HAS_H0,
+                                         STORE_FINAL, G_FLOOR, SAFE2, LOWP, DOT, AHEAD)
                 if go:
                     b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT,
                                                            HAS_S, G_FLOOR)
                     b_ms, b_ls, b_accs = slot_softmax(qs, ks, v, b_hk, b_hv, b_gc, b_g2, b_sx,
                                                       r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2, HQ, H, K,
                                                       V, M, BT, BK, BV, BM, SAFE2, LOWP, DOT, PATH, True)
-                    b_mi, b_li, b_acc = merge_softmax(b_mi, b_li, b_acc, b_ms, b_ls, b_accs)
+                    if CHAIN_FIRST:
+                        b_mi, b_li, b_acc = window_part(q, k, v, b_ms, b_ls, b_accs, r_t, m_t, bos, T_n, t0, i_h,
+                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
+                    else:
+                        b_mi, b_li, b_acc = merge_softmax(b_mi, b_li, b_acc, b_ms, b_ls, b_accs)
                     store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ, V, BV, IS_VARLEN)
             elif go:
                 b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
@@ -1125,7 +1058,7 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
                 dot_precision(p), configs.WINDOW_SPLIT, path, in_chain, configs.FWD_CHAIN_AHEAD,
-                hk0 is not None, p.output_final_state,
+                hk0 is not None, p.output_final_state, configs.FWD_CHAIN_FIRST,
                 num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
                 maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
