@@ -14,7 +14,6 @@
 #   bash asv_bench/gpu_session.sh walk-pairs  # configs.STATE_WALK_PAIRS "bf16": the walk's GPU tests, then timed at gpu-a
 #   bash asv_bench/gpu_session.sh cupy-gates  # cupy configs.MMA_FAST_GATES: the CuPy forward GPU tests with it off, both timed
 #   bash asv_bench/gpu_session.sh cupy-state-scan  # cupy configs.MMA_STATE_PASS: the forward GPU tests under "scan", walk / scan / auto timed
-#   bash asv_bench/gpu_session.sh fused     # configs.FWD_STATES "fused": its GPU tests, then timed against "separate"
 #   bash asv_bench/gpu_session.sh profile   # per-kernel times at gpu-a
 #   bash asv_bench/gpu_session.sh ncu-fwd   # Nsight Compute on the forward kernels at gpu-a (details, CuPy's per-SASS stalls)
 #   bash asv_bench/gpu_session.sh compare   # the one-process peer benchmark (asv_bench/compare.py)
@@ -40,17 +39,6 @@ for step in "$@"; do
       timeout ${NHA_TESTS_TIMEOUT_S:-420} python3 -m pytest -m gpu tests/test_triton_gpu.py tests/test_cupy_gpu.py \
         tests/test_naive_lowp.py -v --tb=short -rf -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider ${NHA_TEST_K:+-k "$NHA_TEST_K"} \
         > "$OUT/gpu_tests.log" 2>&1; grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -40 ;;
-    fused)   # chunk states inside the forward kernel (configs.FWD_STATES "fused"): its GPU tests, then timed
-      # against the separate state pass at NHA_GPU_SHAPES (default gpu-a), window-first and chain-first, AHEAD 0..2
-      timeout ${NHA_TESTS_TIMEOUT_S:-240} python3 -m pytest -m gpu tests/test_triton_gpu.py -k fused -v --tb=short -rf \
-        -n ${NHA_TEST_WORKERS:-8} -p no:cacheprovider > "$OUT/fused_tests.log" 2>&1
-      grep -E "FAILED|ERROR|passed|failed" "$OUT/fused_tests.log" | tail -20
-      for shape in ${NHA_GPU_SHAPES:-gpu-a}; do
-        timeout ${NHA_STEP_TIMEOUT_S:-300} python3 asv_bench/tune_gpu.py --backend triton --shape $shape --modes forward \
-          --out "$OUT/fused-$shape" --no-check --variant separate: ${NHA_FUSED_VARIANTS:---variant w1:FWD_STATES=fused,FWD_CHAIN_AHEAD=1 \
-          --variant w0:FWD_STATES=fused,FWD_CHAIN_AHEAD=0 --variant c1:FWD_STATES=fused,FWD_CHAIN_AHEAD=1,FWD_CHAIN_FIRST=True} \
-          > "$OUT/fused-$shape.log" 2>&1; grep -A12 "^variant" "$OUT/fused-$shape.log"
-      done ;;
     repro-bf16)   # the bf16 slot-dot fault (asv_bench/triton_tuning_notes.md), one process per setting
       # (NHA_REPRO_SETTINGS: space-separated settings, each NAME=VALUE,NAME=VALUE; "" = the defaults)
       for setting in ${NHA_REPRO_SETTINGS:-"BF16_SLOT_DOTS=True,BF16_MIN_SLOT_TILE=64"}; do

@@ -187,18 +187,6 @@ def test_state_walk_small_tiles(case, pairs, small_tiles, monkeypatch):
     check(**dict(zip(("p", "x"), make(0, **case))))
 
 
-@pytest.mark.parametrize("ahead", [0, 1, 2], ids=lambda a: f"ahead{a}")
-@pytest.mark.parametrize("case", CASES[:2] + CASES[4:], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_forward_fused_chain(case, ahead, small_tiles, monkeypatch):
-    """Chunk states built inside the forward kernel (configs.FWD_STATES "fused": each program
-    waits on the state FWD_CHAIN_AHEAD + 1 chunks back and publishes its own end state): GQA
-    (only the group's first head publishes), an initial state, varlen with an empty sequence,
-    resets (the pairwise launch reads the chain's rows)."""
-    monkeypatch.setattr(tc, "FWD_STATES", "fused")
-    monkeypatch.setattr(tc, "FWD_CHAIN_AHEAD", ahead)
-    check(*make(0, **case), backward=False)
-
-
 def test_backward_chunks_differently_from_forward(small_tiles, monkeypatch):
     """The backward recomputes its chunk states, so its BT may differ from the forward's
     (configs.BWD_CHUNK_ROWS_128): 16-row forward chunks, 32-row backward chunks, varlen."""

@@ -542,7 +542,7 @@ def backward(p, do, q, k, v, g, s, q_slot, k_slot, o, lse, hk0, hv0, cu_seqlens)
     head (their head stride stays the problem's)."""
     B, T, HQ, H, G = p.B, p.T, p.HQ, p.H, p.G
     dev, dt = q.device, q.dtype
-    cu, chunk_off, block_map, _, NB, R, BT, longest = plan(p, cu_seqlens, dev, backward=True)
+    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev, backward=True)
     flats = dict(q=flat(q, HQ), k=flat(k, H), v=flat(v, H), g=flat(g, H), do=flat(do, HQ), o=flat(o, HQ),
                  s=flat(s, H) if s is not None else None,
                  qs=flat(q_slot, HQ) if q_slot is not None else None,

@@ -303,14 +303,6 @@ def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int
     return "walk" if walk_ms <= scan_ms else "scan"
 
 
-# The forward's chunk states: "separate" (chunk_states, by the pass above, before nha_fwd_kernel)
-# or "fused" (nha_fwd_kernel's programs build them as a chain handed from chunk to chunk,
-# forward.chain_state; each chunk's program starts from the state FWD_CHAIN_AHEAD + 1 chunks
-# back and adds the chunks in between itself).
-FWD_STATES = "separate"
-FWD_CHAIN_AHEAD = 1
-FWD_CHAIN_FIRST = False
-
 # nha_state_scan_kernel's tile [SCAN_ROWS, SCAN_WIDTH]: state elements per program (BE) and
 # chunks per step (D); scan_width and scan_rows below say what each does.
 SCAN_WIDTH = 256

@@ -585,12 +585,9 @@ def window_ranges(t0, T_n, W, BT: tl.constexpr, BS: tl.constexpr):
 def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2,
                  HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
                  BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
-                 SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr,
-                 TILES: tl.constexpr):
+                 SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, PATH: tl.constexpr):
     """Online-softmax state (m [BT], l [BT], acc [BT,BV], log2 units) after the M slots of the
     query rows r_t: inter-chunk ``2^Gc (Qs @ Hk_c)`` plus the intra-chunk decayed causal part.
-    The chunk's start state is row i_state of hk_c, hv_c, or with TILES the tiles hk_c [BK,BM],
-    hv_c [BM,BV] themselves.
 
     PATH = DECAY_FACTORED factors the decays (the chunk's Gc lies in [-SAFE2, SAFE2]): both
     intra-chunk dots share S * 2^-Gc and both readouts P * 2^Gc. Operands are loaded right before
@@ -608,11 +605,7 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_
                        mask=m_t[:, None] & (o_k < K)[None, :], other=0.0), LOWP)            # [BT, BK]
     b_a = tl.dot(b_qs, tl.trans(_op(load_shifted(ks, bos, T_n, i_c, i_h, W, H, K, BT, BK), LOWP)),
                  input_precision=DOT)                                                          # [BT, BT]
-    if TILES:
-        b_hk = hk_c
-    else:
-        b_hk = load_matrix(hk_c + i_state * K * M, K, M, BK, BM)
-    b_ls = tl.dot(b_qs, _op(b_hk, LOWP), input_precision=DOT)
+    b_ls = tl.dot(b_qs, _op(load_matrix(hk_c + i_state * K * M, K, M, BK, BM), LOWP), input_precision=DOT)
     if PATH == DECAY_PAIRWISE:
         b_ls = (b_ls * b_eg + decay_apply(b_a, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH)) * qk2
     else:
@@ -627,25 +620,22 @@ def slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_
         b_pw = decay_weights(b_p, b_sx, b_gc, b_g2, BT, SAFE2, LOWP, DOT, PATH)
     else:
         b_pw = tl.where(m_c, tl.dot(b_pe, tl.trans(b_sw), input_precision=DOT), 0.0)         # [BT, BT]
-    if TILES:
-        b_hv = hv_c
-    else:
-        b_hv = load_matrix(hv_c + i_state * M * V, M, V, BM, BV)
-    b_acc = tl.dot(b_pe, _op(b_hv, LOWP), input_precision=DOT)
+    b_acc = tl.dot(b_pe, _op(load_matrix(hv_c + i_state * M * V, M, V, BM, BV), LOWP), input_precision=DOT)
     b_acc = tl.dot(_op(b_pw, LOWP), _op(load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV), LOWP), acc=b_acc,
                    input_precision=DOT)                                                        # [BT, BV]
     return b_mi, b_li, b_acc
 
 
 @triton.jit
-def window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h, i_hq, W, qk2,
-                HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                DOT: tl.constexpr, SPLIT: tl.constexpr):
+def window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq, W, T_lse,
+                     qk2, HQ: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     IS_VARLEN: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr):
     """Walks the window key blocks of the query rows t0 .. t0+BT from the online-softmax state
-    (m, l, acc) and returns it."""
+    (m, l, acc), then writes o and lse once."""
+    o_k = tl.arange(0, BK)
+    o_v = tl.arange(0, BV)
     if W > 0:
-        o_k = tl.arange(0, BK)
         b_q = tl.load(q + (r_t[:, None] * HQ + i_hq) * K + o_k[None, :],
                       mask=m_t[:, None] & (o_k < K)[None, :], other=0.0)                     # [BT, BK]
         p_k = k + (bos * H + i_h) * K
@@ -665,14 +655,6 @@ def window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h, i_hq, W
             for i_s in range(lo, hi, BS):
                 b_mi, b_li, b_acc = window_block(b_q, p_k, p_v, i_s, t0, T_n, W, b_mi, b_li, b_acc, qk2,
                                                  H * K, H * V, K, V, BT, BS, BK, BV, True, DOT)
-    return b_mi, b_li, b_acc
-
-
-@triton.jit
-def store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ: tl.constexpr, V: tl.constexpr,
-               BV: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """o = acc / l and lse of the query rows r_t, written once."""
-    o_v = tl.arange(0, BV)
     b_ok = b_li > 0
     b_o = b_acc / tl.where(b_ok, b_li, 1.0)[:, None]
     b_lse = tl.where(b_ok, (b_mi + tl.log2(tl.where(b_ok, b_li, 1.0))) * 0.6931471805599453, float("-inf"))
@@ -686,132 +668,17 @@ def store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, 
 
 
 @triton.jit
-def merge_softmax(b_m1, b_l1, b_acc1, b_m2, b_l2, b_acc2):
-    """Two online-softmax states (m, l, acc) of the same rows over disjoint keys, as one."""
-    b_m = tl.maximum(b_m1, b_m2)
-    b_ms = tl.where(b_m == float("-inf"), 0.0, b_m)      # rows with no key on either side
-    b_a1 = tl.exp2(b_m1 - b_ms)
-    b_a2 = tl.exp2(b_m2 - b_ms)
-    return b_m, b_l1 * b_a1 + b_l2 * b_a2, b_acc1 * b_a1[:, None] + b_acc2 * b_a2[:, None]
-
-
-@triton.jit
-def wait_flag(p_flag):
-    """Spins until *p_flag != 0 (acquire: what its writer stored before setting it is visible)."""
-    ready = tl.atomic_add(p_flag, 0, sem="acquire")
-    while ready == 0:
-        ready = tl.atomic_add(p_flag, 0, sem="acquire")
-
-
-@triton.jit
-def chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H: tl.constexpr, K: tl.constexpr,
-               V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_S: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
-               DOT: tl.constexpr):
-    """The state (Hk [BK,BM], Hv [BM,BV], fp32) after chunk i_c from the state before it:
-    fwd_chunk_update's (a, Lk, Lv) with the decayed state as the dots' accumulators, so no
-    separate Lk, Lv tiles are live."""
-    b_gc, b_glast, b_s, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, o_m, H, M, BT, HAS_S, G_FLOOR)
-    b_w = _op(b_s * tl.exp2(decay_to_end(b_gc, b_glast, g, bos, T_n, i_c, i_h, W, o_m, H, M, BT, G_FLOOR, SAFE2,
-                                         DECAY_ANY)), LOWP)                                  # [BT, BM]
-    b_a = tl.exp2(b_glast)
-    b_hk = tl.dot(tl.trans(_op(load_shifted(ks, bos, T_n, i_c, i_h, W, H, K, BT, BK), LOWP)), b_w,
-                  acc=b_hk * b_a[None, :], input_precision=DOT)                                # [BK, BM]
-    b_hv = tl.dot(tl.trans(b_w), _op(load_shifted(v, bos, T_n, i_c, i_h, W, H, V, BT, BV), LOWP),
-                  acc=b_hv * b_a[:, None], input_precision=DOT)                                # [BM, BV]
-    return b_hk, b_hv
-
-
-@triton.jit
-def chain_state(ks, v, g, s, hk0, hv0, pre_k, pre_v, hk_t, hv_t, flags, bos, T_n, i_n, i_c, c0, i_h, owner, W,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, M: tl.constexpr, BT: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr, HAS_S: tl.constexpr, HAS_H0: tl.constexpr,
-                STORE_FINAL: tl.constexpr, G_FLOOR: tl.constexpr, SAFE2: tl.constexpr, LOWP: tl.constexpr,
-                DOT: tl.constexpr, AHEAD: tl.constexpr):
-    """The slot state (Hk [BK,BM], Hv [BM,BV], fp32) at the start of chunk i_c, from the chain
-    of states the programs of nha_fwd_kernel's fused launch (configs.FWD_STATES "fused") hand
-    to each other: row c0 + r of pre_k [R,H,K,M], pre_v [R,H,M,V] (fp32) holds the state at the
-    start of chunk r, and flags[row * H + i_h] says it is there. Chunk i_c starts from row
-    i_c - AHEAD (h0 itself for the first chunks), adds the AHEAD chunks before its own, and its
-    owner (the first query head of the group) publishes the state after its own chunk, row
-    c0 + i_c + 1 (and the final state after the last chunk). So chunk i_c waits on chunk
-    i_c - AHEAD - 1 only: AHEAD + 1 interleaved chains, each chunk's program doing AHEAD extra
-    chunk updates. Every program computes the same states in the same order, so the result
-    does not depend on timing."""
-    o_k = tl.arange(0, BK)
-    o_v = tl.arange(0, BV)
-    o_m = tl.arange(0, BM)
-    m_km = (o_k < K)[:, None] & (o_m < M)[None, :]
-    m_mv = (o_m < M)[:, None] & (o_v < V)[None, :]
-    o_km = o_k[:, None] * M + o_m[None, :]
-    o_mv = o_m[:, None] * V + o_v[None, :]
-    r_in = tl.maximum(i_c - AHEAD, 0)
-    b_hk = tl.zeros([BK, BM], dtype=tl.float32)
-    b_hv = tl.zeros([BM, BV], dtype=tl.float32)
-    if r_in == 0:
-        if HAS_H0:
-            b_hk += tl.load(hk0 + (i_n * H + i_h) * K * M + o_km, mask=m_km, other=0.0)
-            b_hv += tl.load(hv0 + (i_n * H + i_h) * M * V + o_mv, mask=m_mv, other=0.0)
-    else:
-        i_row = (c0 + r_in) * H + i_h
-        wait_flag(flags + i_row)
-        # .cg: from L2, where the writer's stores went (this SM's L1 may hold nothing newer)
-        b_hk += tl.load(pre_k + i_row * K * M + o_km, mask=m_km, other=0.0, cache_modifier=".cg")
-        b_hv += tl.load(pre_v + i_row * M * V + o_mv, mask=m_mv, other=0.0, cache_modifier=".cg")
-    for r in tl.range(r_in, i_c, num_stages=1):
-        b_hk, b_hv = chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, r, i_h, W, o_m, H, K, V, M, BT, BK, BV,
-                                HAS_S, G_FLOOR, SAFE2, LOWP, DOT)
-    # the start state as the slot dots take it (smaller, so it may stay in registers)
-    b_sk = _op(b_hk, LOWP)
-    b_sv = _op(b_hv, LOWP)
-    if owner:
-        if i_c == 0:
-            # the state at the first chunk, for the pairwise launch (which reads every chunk's row)
-            tl.store(pre_k + (c0 * H + i_h) * K * M + o_km, b_hk, mask=m_km)
-            tl.store(pre_v + (c0 * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
-        b_hk, b_hv = chain_step(b_hk, b_hv, ks, v, g, s, bos, T_n, i_c, i_h, W, o_m, H, K, V, M, BT, BK, BV,
-                                HAS_S, G_FLOOR, SAFE2, LOWP, DOT)
-        i_row = (c0 + i_c + 1) * H + i_h
-        tl.store(pre_k + i_row * K * M + o_km, b_hk, mask=m_km)
-        tl.store(pre_v + i_row * M * V + o_mv, b_hv, mask=m_mv)
-        if STORE_FINAL:
-            if i_c == tl.cdiv(T_n, BT) - 1:
-                tl.store(hk_t + (i_n * H + i_h) * K * M + o_km, b_hk, mask=m_km)
-                tl.store(hv_t + (i_n * H + i_h) * M * V + o_mv, b_hv, mask=m_mv)
-        # every thread's stores first, then one release (the pattern of CUTLASS's GenericBarrier)
-        tl.debug_barrier()
-        tl.atomic_xchg(flags + i_row, 1, sem="release")
-    return b_sk, b_sv
-
-
-@triton.jit
 def nha_fwd_kernel(
     q, k, v, qs, ks, g, s, hk_c, hv_c, o, lse, unsafe, cu, chunk_off, block_map,
-    hk0, hv0, hk_t, hv_t, sync, order,
     scale, W, T_lse, HQ: tl.constexpr, H: tl.constexpr, G: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, M: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BM: tl.constexpr,
     HAS_SLOTS: tl.constexpr, HAS_S: tl.constexpr, IS_VARLEN: tl.constexpr, G_FLOOR: tl.constexpr,
     SAFE2: tl.constexpr, LOWP: tl.constexpr, DOT: tl.constexpr, SPLIT: tl.constexpr, PATH: tl.constexpr,
-    FUSED: tl.constexpr, AHEAD: tl.constexpr, HAS_H0: tl.constexpr, STORE_FINAL: tl.constexpr,
-    CHAIN_FIRST: tl.constexpr,
 ):
     """o [B*T,HQ,V], lse [B,HQ,T] (varlen: [1,HQ,T]) for BT query rows of one query head; with
-    slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ]).
-
-    FUSED (the factored launch of configs.FWD_STATES "fused"): the chunk states come from
-    chain_state inside this launch instead of a state pass before it (hk_c, hv_c are then its
-    fp32 rows, which the pairwise launch reads). Grid (blocks * HQ,): each program takes a
-    ticket from sync[0] and the work of that ticket in chunk-major order (order [blocks]:
-    block indices sorted by chunk), so the chunk a program waits on belongs to a program that
-    took its ticket earlier and is running or done. Each program walks its window first and
-    then waits, which gives the chain a window's time to arrive."""
-    if FUSED:
-        ticket = tl.atomic_add(sync, 1)
-        i_b = tl.load(order + ticket // HQ).to(tl.int64)
-        i_hq = ticket % HQ
-    else:
-        i_b, i_hq = tl.program_id(0), tl.program_id(1)
+    slots, launched twice (TWO_LAUNCHES, unsafe [blocks, HQ])."""
+    i_b, i_hq = tl.program_id(0), tl.program_id(1)
     run = True
     if PATH == DECAY_PAIRWISE:
         run = tl.load(unsafe + i_b * HQ + i_hq) != 0
@@ -823,48 +690,25 @@ def nha_fwd_kernel(
         m_t = o_t < T_n
         r_t = bos + o_t
         qk2 = scale * 1.4426950408889634        # logits in log2 units: exp2 instead of exp
-        b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
-        b_li = tl.zeros([BT], dtype=tl.float32)
-        b_acc = tl.zeros([BT, BV], dtype=tl.float32)
         if HAS_SLOTS:
-            c0 = tl.load(chunk_off + i_n).to(tl.int64)
-            i_state = (c0 + i_c) * H + i_h
+            i_state = (tl.load(chunk_off + i_n).to(tl.int64) + i_c) * H + i_h
             b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT, HAS_S,
                                                    G_FLOOR)
             go = True
             if PATH == DECAY_FACTORED:
                 go = flag_unsafe(unsafe, i_b * HQ + i_hq, b_gc, SAFE2)
-            if FUSED:
-                if not CHAIN_FIRST:
-                    if go:
-                        b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h,
-                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-                b_hk, b_hv = chain_state(ks, v, g, s, hk0, hv0, hk_c, hv_c, hk_t, hv_t, sync + 1, bos, T_n, i_n, i_c,
-                                         c0, i_h, i_hq % G == 0, W, H, K, V, M, BT, BK, BV, BM, HAS_S, HAS_H0,
-                                         STORE_FINAL, G_FLOOR, SAFE2, LOWP, DOT, AHEAD)
-                if go:
-                    b_gc, b_glast, b_sx, b_g2 = load_gates(g, s, bos, T_n, i_c, i_h, W, tl.arange(0, BM), H, M, BT,
-                                                           HAS_S, G_FLOOR)
-                    b_ms, b_ls, b_accs = slot_softmax(qs, ks, v, b_hk, b_hv, b_gc, b_g2, b_sx,
-                                                      r_t, m_t, bos, T_n, i_c, i_h, i_hq, i_state, W, qk2, HQ, H, K,
-                                                      V, M, BT, BK, BV, BM, SAFE2, LOWP, DOT, PATH, True)
-                    if CHAIN_FIRST:
-                        b_mi, b_li, b_acc = window_part(q, k, v, b_ms, b_ls, b_accs, r_t, m_t, bos, T_n, t0, i_h,
-                                                        i_hq, W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-                    else:
-                        b_mi, b_li, b_acc = merge_softmax(b_mi, b_li, b_acc, b_ms, b_ls, b_accs)
-                    store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ, V, BV, IS_VARLEN)
-            elif go:
+            if go:
                 b_mi, b_li, b_acc = slot_softmax(qs, ks, v, hk_c, hv_c, b_gc, b_g2, b_sx, r_t, m_t, bos, T_n, i_c, i_h,
                                                  i_hq, i_state, W, qk2, HQ, H, K, V, M, BT, BK, BV, BM,
-                                                 SAFE2, LOWP, DOT, PATH, False)
-                b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h, i_hq,
-                                                W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-                store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ, V, BV, IS_VARLEN)
+                                                 SAFE2, LOWP, DOT, PATH)
+                window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
+                                 W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
         else:
-            b_mi, b_li, b_acc = window_part(q, k, v, b_mi, b_li, b_acc, r_t, m_t, bos, T_n, t0, i_h, i_hq,
-                                            W, qk2, HQ, H, K, V, BT, BS, BK, BV, DOT, SPLIT)
-            store_rows(o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, i_n, i_hq, T_lse, HQ, V, BV, IS_VARLEN)
+            b_mi = tl.full([BT], float("-inf"), dtype=tl.float32)
+            b_li = tl.zeros([BT], dtype=tl.float32)
+            b_acc = tl.zeros([BT, BV], dtype=tl.float32)
+            window_and_store(q, k, v, o, lse, b_mi, b_li, b_acc, r_t, o_t, m_t, bos, T_n, t0, i_n, i_h, i_hq,
+                             W, T_lse, qk2, HQ, H, K, V, BT, BS, BK, BV, IS_VARLEN, DOT, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -875,7 +719,7 @@ def plan(p, cu_seqlens, device, backward=False):
     length of the backward, configs.chunk_rows).
 
     Returns (cu [N+1] int32, chunk_off [N] int32, block_map [NB,2] int32 of (sequence, chunk),
-    order [NB] int32 (the block indices sorted by (chunk, sequence)), NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has
+    NB blocks, R state rows, BT, the longest sequence's chunk count). Sequence n has
     NT_n = cdiv(T_n, BT) chunks and NT_n + 1 state rows from chunk_off[n] (row c: the state at
     the start of chunk c; row NT_n: after the last chunk), so every chunk has the state before
     and after it. Without cu_seqlens the B rows are N = B sequences of length T in the flattened
@@ -901,13 +745,10 @@ def _plan_tables(lens: tuple, BT: int, device: str):
         chunks = -(-length // BT)
         blocks.extend((n, c) for c in range(chunks))
         rows += chunks + 1
-    # the fused forward launch hands out its work in chunk-major order (nha_fwd_kernel, FUSED)
-    order = sorted(range(len(blocks)), key=lambda i: (blocks[i][1], blocks[i][0]))
     cu = torch.tensor(starts, dtype=torch.int32, device=device)
     chunk_off = torch.tensor(offs, dtype=torch.int32, device=device)
     block_map = torch.tensor(blocks if blocks else [(0, 0)], dtype=torch.int32, device=device)
-    order = torch.tensor(order or [0], dtype=torch.int32, device=device)
-    return cu, chunk_off, block_map, order, len(blocks), rows
+    return cu, chunk_off, block_map, len(blocks), rows
 
 
 def narrow(p) -> bool:
@@ -1024,41 +865,24 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     dev = q.device
     o = torch.empty(B, T, HQ, V, dtype=q.dtype, device=dev)
     lse = torch.empty(B, HQ, T, dtype=torch.float32, device=dev)
-    cu, chunk_off, block_map, order, NB, R, BT, longest = plan(p, cu_seqlens, dev)
+    cu, chunk_off, block_map, NB, R, BT, longest = plan(p, cu_seqlens, dev)
     qf, kf, vf, gf = flat(q, HQ), flat(k, H), flat(v, H), flat(g, H)
     sf = flat(s, H) if s is not None else None
     qsf = flat(q_slot, HQ) if q_slot is not None else qf
     ksf = flat(k_slot, H) if k_slot is not None else kf
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
-    fused = M > 0 and NB > 0 and T > 0 and configs.FWD_STATES == "fused"
-    if fused:
-        # the chain's rows (fp32, read by the pairwise launch too), its flags after a ticket counter
-        hk_c = torch.empty(R, H, K, M, dtype=torch.float32, device=dev)
-        hv_c = torch.empty(R, H, M, V, dtype=torch.float32, device=dev)
-        sync = torch.zeros(1 + R * H, dtype=torch.int32, device=dev)
-        hk = hv = None
-        if p.output_final_state:
-            # sequences without a chunk keep h0; the others get theirs from the kernel
-            hk = hk0.clone() if hk0 is not None else torch.zeros(p.N, H, K, M, dtype=torch.float32, device=dev)
-            hv = hv0.clone() if hv0 is not None else torch.zeros(p.N, H, M, V, dtype=torch.float32, device=dev)
-    else:
-        hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                          longest, p.output_final_state, lowp(p))
-        sync = lse
+    hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
+                                      longest, p.output_final_state, lowp(p))
     if NB > 0 and T > 0:
         unsafe = torch.empty(NB, HQ, dtype=torch.int8, device=dev) if M > 0 else lse
         for path in TWO_LAUNCHES if M > 0 else TWO_LAUNCHES[:1]:
-            in_chain = fused and path == DECAY_FACTORED
-            nha_fwd_kernel[(NB * HQ,) if in_chain else (NB, HQ)](
+            nha_fwd_kernel[(NB, HQ)](
                 qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, unsafe, cu, chunk_off,
-                block_map, hk0 if hk0 is not None else hk_c, hv0 if hv0 is not None else hv_c,
-                hk if hk is not None else hk_c, hv if hv is not None else hv_c, sync, order,
-                p.scale, p.W, T, HQ, H, p.G, K, V, M,
+                block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
                 BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
                 M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
-                dot_precision(p), configs.WINDOW_SPLIT, path, in_chain, configs.FWD_CHAIN_AHEAD,
-                hk0 is not None, p.output_final_state, configs.FWD_CHAIN_FIRST,
+                dot_precision(p), configs.WINDOW_SPLIT, path,
                 num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
                 maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
             )
