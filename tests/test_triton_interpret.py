@@ -74,7 +74,7 @@ def small_tiles(monkeypatch):
     # and several element blocks with a ragged tail
     monkeypatch.setattr(tc, "STATE_PASS", "scan")
     monkeypatch.setattr(tc, "scan_rows", lambda: 2)
-    monkeypatch.setattr(tc, "scan_width", lambda K, V, M, pairs: 32)
+    monkeypatch.setattr(tc, "scan_width", lambda K, V, M, pairs, backward=False: 32)
 
 
 def rel(out, want):
@@ -203,11 +203,14 @@ def test_state_pass_choice():
 
 def test_scan_width_choice():
     """The state scan's tile narrows when few (sequence, head) pairs would leave the card with
-    few programs (a four-head backward group at gpu-b: 4 pairs) and stays 256 wide for the
-    all-heads passes of gpu-a (128 pairs) and gpu-b (16)."""
-    assert tc.scan_width(64, 64, 64, 4) == 64
+    few programs: the backward's four-head groups at gpu-b (4 pairs) take 64, its groups at
+    gpu-a (32 pairs) 256; the forward's all-heads passes take 512 at gpu-c (K = V = 128, 16
+    pairs) and at gpu-a (128 pairs), 256 at gpu-b (16 pairs of 64-wide heads)."""
+    assert tc.scan_width(64, 64, 64, 4, backward=True) == 64
+    assert tc.scan_width(64, 64, 64, 32, backward=True) == 256
     assert tc.scan_width(64, 64, 64, 16) == 256
-    assert tc.scan_width(64, 64, 64, 128) == 256
+    assert tc.scan_width(128, 128, 64, 16) == 512
+    assert tc.scan_width(64, 64, 64, 128) == 512
 
 
 def test_config_override_sets_literals_and_names_mistakes(monkeypatch):

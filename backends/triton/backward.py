@@ -617,7 +617,7 @@ def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, b
 
     if has_slots:
         hk_c, hv_c, _, _ = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                        longest, False, low and configs.BWD_BF16_STATES, heads=H)
+                                        longest, False, low and configs.BWD_BF16_STATES, heads=H, backward=True)
         ps_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         dls_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_PS_DLS), device=dev)
         x1_buf = torch.empty(B * T, HQ, M, dtype=b16(configs.BWD_BF16_X1), device=dev)
@@ -652,9 +652,9 @@ def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, b
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
                 num_warps=4,
             )
-            nha_state_scan_kernel[scan_grid(p, H)](
+            nha_state_scan_kernel[scan_grid(p, H, backward=True)](
                 dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, HS, K, V, M, BT,
-                configs.scan_width(K, V, M, p.N * H), configs.scan_rows(), False, hk0 is not None, True,
+                configs.scan_width(K, V, M, p.N * H, backward=True), configs.scan_rows(), False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
             del a_c

@@ -304,8 +304,13 @@ def state_pass(N: int, H: int, K: int, V: int, M: int, longest: int, chunks: int
 
 
 # nha_state_scan_kernel's tile [SCAN_ROWS, SCAN_WIDTH]: state elements per program (BE) and
-# chunks per step (D); scan_width and scan_rows below say what each does.
-SCAN_WIDTH = 256
+# chunks per step (D); scan_width and scan_rows below say what each does. The backward's scans
+# start from BWD_SCAN_WIDTH. Forward at gpu-c (H200, 2026-12-04, one process, tune_gpu.py):
+# SCAN_WIDTH 512 ran the scan in 0.223 ms against 0.275 with 256 and the forward in 0.781 ms
+# against 0.833 (128: 0.286 / 0.846); gpu-b's forward (16 pairs) narrows back to 256 either way.
+# 512 is untimed in the backward, which keeps 256.
+SCAN_WIDTH = 512
+BWD_SCAN_WIDTH = 256
 SCAN_ROWS = 16
 # Fewest programs of nha_state_scan_kernel before scan_width narrows its tile (about four per SM
 # of an H100/H200; 512 keeps the 256-wide tile of the all-heads passes at gpu-a and gpu-b, the
@@ -313,14 +318,15 @@ SCAN_ROWS = 16
 SCAN_MIN_PROGRAMS = 512
 
 
-def scan_width(K: int, V: int, M: int, pairs: int) -> int:
+def scan_width(K: int, V: int, M: int, pairs: int, backward: bool = False) -> int:
     """BE: state elements per program of nha_state_scan_kernel for ``pairs`` (sequence, head)
-    pairs: SCAN_WIDTH, halved down to 64 while the grid would hold fewer than SCAN_MIN_PROGRAMS
-    programs. Each program is a chain of cdiv(chunks, D) dependent steps, so few programs leave
-    the card idle. On an H200 (2026-12-04) the backward's four-head groups at gpu-b (4 pairs)
-    ran the scan in 0.656 ms with BE = 64 against 0.855 with 256 (backward 8.23 ms against
-    8.45), while at gpu-a (32 pairs per group) 256 stayed the fastest (4.985 ms against 5.02)."""
-    be = SCAN_WIDTH
+    pairs: SCAN_WIDTH (BWD_SCAN_WIDTH for the backward's scans), halved down to 64 while the
+    grid would hold fewer than SCAN_MIN_PROGRAMS programs. Each program is a chain of
+    cdiv(chunks, D) dependent steps, so few programs leave the card idle. On an H200
+    (2026-12-04) the backward's four-head groups at gpu-b (4 pairs) ran the scan in 0.656 ms
+    with BE = 64 against 0.855 with 256 (backward 8.23 ms against 8.45), while at gpu-a (32 pairs
+    per group) 256 stayed the fastest (4.985 ms against 5.02)."""
+    be = BWD_SCAN_WIDTH if backward else SCAN_WIDTH
     while be > 64 and pairs * (-(-K * M // be) - (-M * V // be)) < SCAN_MIN_PROGRAMS:
         be //= 2
     return be

@@ -790,9 +790,9 @@ def safe2() -> float:
     return configs.SAFE_LIMIT * LOG2E
 
 
-def scan_grid(p, heads) -> tuple:
+def scan_grid(p, heads, backward=False) -> tuple:
     """Grid of nha_state_scan_kernel over ``heads`` heads: (N, heads, blocks of Hk + blocks of Hv)."""
-    BE = configs.scan_width(p.K, p.V, p.M, p.N * heads)
+    BE = configs.scan_width(p.K, p.V, p.M, p.N * heads, backward)
     return (p.N, heads, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
 
 
@@ -805,12 +805,13 @@ def state_pass(p, NB, longest, heads) -> str:
 
 
 def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, longest, store_final, low,
-                 heads=None):
+                 heads=None, backward=False):
     """Chunk states by the pass state_pass picks. Returns (hk_c [R,H,K,M], hv_c [R,H,M,V], hk, hv): the
     states at every chunk start and after each sequence's last chunk (rows as in plan), bfloat16
     when ``low`` (bf16 dots read them), fp32 otherwise; hk, hv (final) fp32 or None. ``heads``:
     only the first ``heads`` of the p.H heads of ks, v, g, s, hk0, hv0 (views that start at the
-    wanted head; the backward's head groups), so H = heads in the shapes above."""
+    wanted head; the backward's head groups), so H = heads in the shapes above. ``backward``:
+    called by the backward (its scan tile, configs.scan_width)."""
     mode = operand_mode(p, low)
     dev = v.device
     K, V, M, N = p.K, p.V, p.M, p.N
@@ -845,9 +846,9 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
             ks, v, g, s_arg, hk_c, hv_c, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
             num_warps=configs.state_num_warps(K, V),
         )
-    nha_state_scan_kernel[scan_grid(p, H)](
+    nha_state_scan_kernel[scan_grid(p, H, backward)](
         hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, p.H, K, V, M, BT,
-        configs.scan_width(K, V, M, N * H), configs.scan_rows(), hk0 is not None, store_final, False,
+        configs.scan_width(K, V, M, N * H, backward), configs.scan_rows(), hk0 is not None, store_final, False,
         num_warps=configs.scan_num_warps(),
     )
     return hk_c, hv_c, hk, hv
