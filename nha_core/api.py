@@ -59,6 +59,9 @@ _SHAPES = {
 }
 
 
+_SPECS = {name: tuple(spec.split()) for name, spec in _SHAPES.items()}
+
+
 def _bind_dims(arrays: dict, letters: dict) -> dict:
     """Check ranks and that every letter means one size across all arrays; return the sizes."""
     dims: dict[str, int] = dict(letters)
@@ -66,8 +69,8 @@ def _bind_dims(arrays: dict, letters: dict) -> dict:
     for name, x in arrays.items():
         if x is None:
             continue
-        spec = _SHAPES[name].split()
-        shape = tuple(int(d) for d in x.shape)
+        spec = _SPECS[name]
+        shape = tuple(map(int, x.shape))
         if len(shape) != len(spec):
             raise ValueError(
                 f"{name}: expected {len(spec)} dims [{','.join(spec)}], got shape {list(shape)}"
@@ -175,26 +178,48 @@ class _Layout:
     """
 
     def __init__(self, p: Problem, cu_host, state: NHAState | None):
-        if cu_host is None:
-            starts = np.arange(p.B, dtype=np.int64) * p.T
-            lens = np.full(p.B, p.T, dtype=np.int64)
-        else:
-            starts, lens = cu_host[:-1], np.diff(cu_host)
-        self.lens = lens
-        self.seen = np.zeros(p.N, np.int64)
+        self.W, self.N, self._p, self._cu_host = p.W, p.N, p, cu_host
+        self._seen_given = None
         if state is not None:
             kind = interop.array_kind(state.seen, "initial_state.seen")
-            self.seen = np.asarray(interop.to_host(state.seen, kind), dtype=np.int64)
-        self.prefix = np.minimum(self.seen, p.W)
-        self.extended = bool(self.prefix.any())
-        self.W, self.N, self.starts = p.W, p.N, starts
-        # Extended, packed positions: sequence n occupies [ext_cu[n], ext_cu[n+1]).
-        self.ext_lens = self.prefix + lens
-        self.ext_cu = np.concatenate([[0], np.cumsum(self.ext_lens)]).astype(np.int64)
-        self.final_seen = self.seen + lens
-        # The index maps below are O(tokens) of host work: built on first use only (a prefill
-        # without a state needs none of them, and every microsecond before the first kernel
+            self._seen_given = np.asarray(interop.to_host(state.seen, kind), dtype=np.int64)
+        # A call without a state never extends; it needs none of the arrays below unless it
+        # returns a state, so they are built on first use (host time before the first kernel
         # launch is GPU idle time in a short call).
+        self.extended = self._seen_given is not None and bool(self.prefix.any())
+
+    @functools.cached_property
+    def lens(self):
+        if self._cu_host is None:
+            return np.full(self._p.B, self._p.T, dtype=np.int64)
+        return np.diff(self._cu_host)
+
+    @functools.cached_property
+    def starts(self):
+        if self._cu_host is None:
+            return np.arange(self._p.B, dtype=np.int64) * self._p.T
+        return self._cu_host[:-1]
+
+    @functools.cached_property
+    def seen(self):
+        return self._seen_given if self._seen_given is not None else np.zeros(self.N, np.int64)
+
+    @functools.cached_property
+    def prefix(self):
+        return np.minimum(self.seen, self.W)
+
+    @functools.cached_property
+    def ext_lens(self):
+        """Extended, packed positions: sequence n occupies [ext_cu[n], ext_cu[n+1])."""
+        return self.prefix + self.lens
+
+    @functools.cached_property
+    def ext_cu(self):
+        return np.concatenate([[0], np.cumsum(self.ext_lens)]).astype(np.int64)
+
+    @functools.cached_property
+    def final_seen(self):
+        return self.seen + self.lens
 
     @functools.cached_property
     def _sources(self):

@@ -5,6 +5,8 @@ ones the kernels use (``BT`` query rows = slot chunk, ``BS`` window key rows, ``
 the padded key, value and slot dims, ``BD``/``BMS`` the state tiles of the sequential kernels).
 The functions are looked up at call time, so a tuning script can replace them (monkeypatch).
 """
+import functools
+
 from nha_core.registry import ALL_FEATURES
 
 NAME = "triton"
@@ -177,6 +179,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
 def pad(n: int) -> int:
     """Block size for a dim of length n: a power of two, >= 16 (tl.dot's minimum tile side)."""
     return max(16, next_pow2(n))

@@ -873,18 +873,20 @@ def forward(p, q, k, v, g, s, q_slot, k_slot, hk0, hv0, cu_seqlens):
     ksf = flat(k_slot, H) if k_slot is not None else kf
     if hk0 is not None:
         hk0, hv0 = hk0.contiguous().float(), hv0.contiguous().float()
+    low = lowp(p)
     hk_c, hv_c, hk, hv = chunk_states(p, ksf, vf, gf, sf, hk0, hv0, cu, chunk_off, block_map, NB, R, BT,
-                                      longest, p.output_final_state, lowp(p))
+                                      longest, p.output_final_state, low)
     if NB > 0 and T > 0:
         unsafe = torch.empty(NB, HQ, dtype=torch.int8, device=dev) if M > 0 else lse
-        for path in TWO_LAUNCHES if M > 0 else TWO_LAUNCHES[:1]:
-            nha_fwd_kernel[(NB, HQ)](
-                qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, unsafe, cu, chunk_off,
+        # the arguments of both launches, worked out once (host time is GPU idle time in short calls)
+        args = (qf, kf, vf, qsf, ksf, gf, sf if sf is not None else gf, hk_c, hv_c, o, lse, unsafe, cu, chunk_off,
                 block_map, p.scale, p.W, T, HQ, H, p.G, K, V, M,
-                BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, lowp(p)),
-                M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p),
-                dot_precision(p), configs.WINDOW_SPLIT, path,
-                num_warps=configs.num_warps(K, V, M), num_stages=configs.num_stages(K, V, M, lowp(p)),
-                maxnreg=configs.max_registers(K, V, M, lowp(p)) if path == DECAY_FACTORED else None,
-            )
+                BT, configs.window_rows(K, V), configs.pad(K), configs.pad(V), configs.slot_tile(M, low),
+                M > 0, sf is not None, cu_seqlens is not None, configs.G_FLOOR, safe2(), operand_mode(p, low),
+                dot_precision(p), configs.WINDOW_SPLIT)
+        warps, stages = configs.num_warps(K, V, M), configs.num_stages(K, V, M, low)
+        cap = configs.max_registers(K, V, M, low)
+        for path in TWO_LAUNCHES if M > 0 else TWO_LAUNCHES[:1]:
+            nha_fwd_kernel[(NB, HQ)](*args, path, num_warps=warps, num_stages=stages,
+                                     maxnreg=cap if path == DECAY_FACTORED else None)
     return o, lse, hk, hv
