@@ -647,7 +647,7 @@ def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, b
             )
         else:
             a_c = torch.empty(R, H, M, **f32)
-            BML = configs.state_local_slot_tile(M)
+            BML = configs.state_local_slot_tile(M, backward=True)
             nha_bwd_state_local_kernel[(NB, H, triton.cdiv(M, BML))](
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
                 num_warps=4,

@@ -348,13 +348,16 @@ def scan_num_warps() -> int:
     return 4
 
 
-def state_local_slot_tile(M: int) -> int:
-    """BM of the scan's local kernels (one program per chunk, head and slot tile). 32, as the
-    walk: the only tile timed so far (H200, gpu-b: 0.266 ms forward). Each program reads its
-    chunk's ks and v rows, so cdiv(M, BM) tiles read them that many times; pad(M) (one tile, read
-    once, [BK, 64] + [64, BV] fp32 accumulators) is the next thing to time
-    (`tune_gpu.py --shape gpu-b --variant all:state_local_slot_tile=64`)."""
-    return state_slot_tile(M)
+def state_local_slot_tile(M: int, backward: bool = False) -> int:
+    """BM of the scan's local kernels (one program per chunk, head and slot tile). Each program
+    reads its chunk's ks and v rows, so cdiv(M, BM) tiles read them that many times. The
+    forward's takes up to 64 slots per tile ([BK, 64] + [64, BV] fp32 accumulators): on an H200
+    (2026-12-04, tune_gpu.py, one process) 64 against 32 ran gpu-c's forward in 0.757 / 0.755 ms
+    against 0.783 / 0.779 (local kernel 0.127 against 0.154 ms) and gpu-b's in 1.370 against 1.379
+    (0.195 against 0.201). The backward's (``backward``) stays at the walk's 32, untimed wider."""
+    if backward:
+        return state_slot_tile(M)
+    return max(state_slot_tile(M), min(pad(M), 64))
 
 
 def state_num_warps(K: int, V: int) -> int:

@@ -841,7 +841,7 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
         return hk_c, hv_c, hk, hv
     a_c = torch.empty(R, H, M, dtype=torch.float32, device=dev)
     if NB > 0 and p.T > 0:
-        BML = configs.state_local_slot_tile(M)
+        BML = configs.state_local_slot_tile(M, backward)
         nha_fwd_state_local_kernel[(NB, H, triton.cdiv(M, BML))](
             ks, v, g, s_arg, hk_c, hv_c, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
             num_warps=configs.state_num_warps(K, V),
