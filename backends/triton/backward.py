@@ -652,9 +652,10 @@ def backward_heads(p, H, x, lse, out, q_heads, kv_heads, chain, cu, chunk_off, b
                 qsf, dof, gf, ps_buf, dls_buf, dh_k, dh_v, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
                 num_warps=4,
             )
-            nha_state_scan_kernel[scan_grid(p, H, backward=True)](
-                dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, HS, K, V, M, BT,
-                configs.scan_width(K, V, M, p.N * H, backward=True), configs.scan_rows(), False, hk0 is not None, True,
+            grid, BE = scan_grid(p, H, backward=True)
+            nha_state_scan_kernel[grid](
+                dh_k, dh_v, a_c, dh_k, dh_v, dh0k, dh0v, cu, chunk_off, H, HS, K, V, M, BT, BE, configs.scan_rows(),
+                False, hk0 is not None, True,
                 num_warps=configs.scan_num_warps(),
             )
             del a_c

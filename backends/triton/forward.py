@@ -791,9 +791,10 @@ def safe2() -> float:
 
 
 def scan_grid(p, heads, backward=False) -> tuple:
-    """Grid of nha_state_scan_kernel over ``heads`` heads: (N, heads, blocks of Hk + blocks of Hv)."""
+    """(grid, BE) of nha_state_scan_kernel over ``heads`` heads: grid (N, heads, blocks of Hk +
+    blocks of Hv) for BE = configs.scan_width elements per program."""
     BE = configs.scan_width(p.K, p.V, p.M, p.N * heads, backward)
-    return (p.N, heads, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE))
+    return (p.N, heads, triton.cdiv(p.K * p.M, BE) + triton.cdiv(p.M * p.V, BE)), BE
 
 
 def state_pass(p, NB, longest, heads) -> str:
@@ -846,9 +847,10 @@ def chunk_states(p, ks, v, g, s, hk0, hv0, cu, chunk_off, block_map, NB, R, BT, 
             ks, v, g, s_arg, hk_c, hv_c, a_c, cu, chunk_off, block_map, **{**common, "BM": BML},
             num_warps=configs.state_num_warps(K, V),
         )
-    nha_state_scan_kernel[scan_grid(p, H, backward)](
-        hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, p.H, K, V, M, BT,
-        configs.scan_width(K, V, M, N * H, backward), configs.scan_rows(), hk0 is not None, store_final, False,
+    grid, BE = scan_grid(p, H, backward)
+    nha_state_scan_kernel[grid](
+        hk_c, hv_c, a_c, h0k, h0v, htk, htv, cu, chunk_off, H, p.H, K, V, M, BT, BE, configs.scan_rows(),
+        hk0 is not None, store_final, False,
         num_warps=configs.scan_num_warps(),
     )
     return hk_c, hv_c, hk, hv
